@@ -1,0 +1,24 @@
+"""resnet_fused: fused BatchNorm/ReLU/residual kernels for torchvision ResNets.
+
+    import resnet_fused
+    model = torchvision.models.resnet50()
+    resnet_fused.swap_blocks(model)          # same parameters, fused forward/backward
+    resnet_fused.build_info()                # what was built: C++/CUDA kernels, Triton, torch
+
+Backends: ``cpu`` (C++), ``cuda`` (CUDA C++), ``triton``, ``reference`` (pure PyTorch);
+see :mod:`resnet_fused.backends`.
+"""
+from . import ops
+from ._extension import build_info
+from .backends import available_backends, backend_for, get_backend, set_backend, use_backend
+from .blocks import FusedBasicBlock, FusedBottleneck
+from .convert import SwapReport, swap_blocks, unswap_blocks
+
+ops.register_cpp_ops()
+
+__version__ = "0.1.0"
+__all__ = [
+    "FusedBasicBlock", "FusedBottleneck", "swap_blocks", "unswap_blocks", "SwapReport",
+    "available_backends", "backend_for", "get_backend", "set_backend", "use_backend",
+    "build_info", "ops", "__version__",
+]

@@ -1,0 +1,94 @@
+"""Model surgery: put fused blocks into existing models, and take them out again.
+
+Conversion changes only each block's class: the very same parameter and buffer tensors, training
+mode, device, dtype and memory format are kept, so optimizers and checkpoints keep working.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import List
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .blocks import FusedBasicBlock, FusedBottleneck
+
+logger = logging.getLogger(__name__)
+
+_FUSED_FOR = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
+_PLAIN_FOR = {FusedBasicBlock: BasicBlock, FusedBottleneck: Bottleneck}
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap_blocks` / :func:`unswap_blocks` did, by qualified module name."""
+
+    converted: List[str] = field(default_factory=list)
+    already: List[str] = field(default_factory=list)
+    left: List[str] = field(default_factory=list)  # block subclasses with their own forward
+
+    def __str__(self) -> str:
+        return (f"converted {len(self.converted)} block(s), {len(self.already)} already converted, "
+                f"left {len(self.left)}" + (f" ({', '.join(self.left)})" if self.left else ""))
+
+
+def _target_class(module: nn.Module, table) -> type:
+    """The class to convert ``module`` to, or None. A subclass of a torchvision block is converted
+    only when it does not override ``forward`` (e.g. QuantizableBasicBlock does: it is left)."""
+    for base, target in table.items():
+        if isinstance(module, base) and not isinstance(module, target):
+            if type(module).forward is base.forward:
+                if type(module) is base:
+                    return target
+                # a subclass without its own forward: keep its extra behaviour, add the fused forward
+                return type(f"Fused{type(module).__name__}", (target, type(module)), {})
+            return None
+    return None
+
+
+def swap_blocks(model: nn.Module) -> nn.Module:
+    """Turn torchvision BasicBlock/Bottleneck instances in ``model`` into fused blocks, in place.
+
+    Idempotent. Returns ``model``; the :class:`SwapReport` is attached as
+    ``model.resnet_fused_report`` (when the model accepts attributes) and logged at INFO level.
+    """
+    report = SwapReport()
+    for name, module in model.named_modules():
+        if isinstance(module, (FusedBasicBlock, FusedBottleneck)):
+            report.already.append(name)
+            continue
+        if isinstance(module, (BasicBlock, Bottleneck)):
+            target = _target_class(module, _FUSED_FOR)
+            if target is None:
+                report.left.append(name)
+            else:
+                module.__class__ = target
+                report.converted.append(name)
+    _attach(model, report, "swap_blocks")
+    return model
+
+
+def unswap_blocks(model: nn.Module) -> nn.Module:
+    """The reverse of :func:`swap_blocks` (for export or debugging), in place; returns ``model``."""
+    report = SwapReport()
+    for name, module in model.named_modules():
+        for fused, plain in _PLAIN_FOR.items():
+            if type(module) is fused:
+                module.__class__ = plain
+                report.converted.append(name)
+                break
+            if isinstance(module, fused):  # a generated Fused<Subclass>: restore the subclass
+                module.__class__ = type(module).__mro__[2]
+                report.converted.append(name)
+                break
+    _attach(model, report, "unswap_blocks")
+    return model
+
+
+def _attach(model: nn.Module, report: SwapReport, what: str) -> None:
+    logger.info("%s: %s", what, report)
+    try:
+        object.__setattr__(model, "resnet_fused_report", report)
+    except (AttributeError, TypeError):
+        pass

@@ -1,0 +1,221 @@
+"""The Python face of the fused primitives: backend dispatch, fake (meta) kernels, autograd.
+
+Modules (blocks, units, convert) call only the functions here, never a kernel directly. Each
+function validates its arguments (the same clear errors whatever the backend), asks
+:func:`resnet_fused.backends.backend_for` which backend runs the tensor, and calls that backend's
+kernel: ``torch.ops.resnet_fused.*`` (C++ CPU, and later CUDA), the Triton ops, or
+:mod:`resnet_fused.reference`.
+
+The custom ops are functional (no input is mutated), so ``torch.library.opcheck`` passes and
+autograd is registered for the differentiable ones (``bn_stats``, ``bn_apply``). The two backward
+primitives are used inside the autograd units' own backward and have no autograd of their own.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _extension, backends, reference
+from .reference import opmath_dtype
+
+__all__ = ["bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply", "opmath_dtype"]
+
+OP_NAMES = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply")
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks shared by every backend
+# --------------------------------------------------------------------------------------------
+def _check_input(op: str, input: Tensor) -> int:
+    if input.dim() < 2:
+        raise ValueError(f"{op}: input must be [N, C, ...] (rank >= 2), got shape {tuple(input.shape)}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"{op}: input must have a floating dtype, got {input.dtype}")
+    return input.shape[1]
+
+
+def _check_channel_vector(op: str, what: str, v: Optional[Tensor], channels: int, device) -> None:
+    if v is None:
+        return
+    if v.dim() != 1 or v.shape[0] != channels:
+        raise ValueError(f"{op}: {what} must have shape [{channels}] (one value per channel), "
+                         f"got {tuple(v.shape)}")
+    if not v.dtype.is_floating_point:
+        raise TypeError(f"{op}: {what} must have a floating dtype, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{op}: {what} is on {v.device} but input is on {device}")
+
+
+def _check_like_input(op: str, what: str, t: Optional[Tensor], input: Tensor) -> None:
+    if t is None:
+        return
+    if t.shape != input.shape:
+        raise ValueError(f"{op}: {what} must have the input's shape {tuple(input.shape)}, got {tuple(t.shape)}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{op}: {what} must have the input's dtype {input.dtype}, got {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"{op}: {what} is on {t.device} but input is on {input.device}")
+
+
+# --------------------------------------------------------------------------------------------
+# backend dispatch
+# --------------------------------------------------------------------------------------------
+def _kernel(op: str, input: Tensor) -> Callable:
+    backend = backends.backend_for(input.device, input.dtype)
+    if backend == "reference":
+        return getattr(reference, op)
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.resnet_fused, op)
+    if backend == "triton":
+        from . import triton_kernels  # lazily: TRITON_INTERPRET is read at import
+
+        return triton_kernels.op(op)
+    raise AssertionError(f"unhandled backend {backend!r}")
+
+
+def bn_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (accumulation dtype)."""
+    _check_input("bn_stats", input)
+    return _kernel("bn_stats", input)(input)
+
+
+def bn_apply(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+             res_scale: Optional[Tensor] = None, res_shift: Optional[Tensor] = None,
+             relu: bool = False) -> Tensor:
+    """``relu?(input*scale + shift + residual')`` in one pass; see :func:`reference.bn_apply`."""
+    c = _check_input("bn_apply", input)
+    for what, v in (("scale", scale), ("shift", shift), ("res_scale", res_scale), ("res_shift", res_shift)):
+        _check_channel_vector("bn_apply", what, v, c, input.device)
+    _check_like_input("bn_apply", "residual", residual, input)
+    if (res_scale is None) != (res_shift is None):
+        raise ValueError("bn_apply: res_scale and res_shift must be given together")
+    if res_scale is not None and residual is None:
+        raise ValueError("bn_apply: res_scale/res_shift need a residual")
+    return _kernel("bn_apply", input)(input, scale, shift, residual, res_scale, res_shift, relu)
+
+
+def bn_backward_reduce(grad_out: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
+                       relu: bool) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``sum(g)``, ``sum(g*(x-mean))`` with the ReLU-masked gradient ``g``."""
+    c = _check_input("bn_backward_reduce", input)
+    _check_like_input("bn_backward_reduce", "grad_out", grad_out, input)
+    _check_like_input("bn_backward_reduce", "output", output, input)
+    _check_channel_vector("bn_backward_reduce", "mean", mean, c, input.device)
+    if relu and output is None:
+        raise ValueError("bn_backward_reduce: relu=True needs the forward output")
+    return _kernel("bn_backward_reduce", input)(grad_out, input, output, mean, relu)
+
+
+def bn_backward_apply(grad_out: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
+                      invstd: Tensor, weight: Optional[Tensor], mean_dy: Optional[Tensor],
+                      mean_dy_xmu: Optional[Tensor], relu: bool) -> Tensor:
+    """Gradient w.r.t. the BN input in one pass; see :func:`reference.bn_backward_apply`."""
+    c = _check_input("bn_backward_apply", input)
+    _check_like_input("bn_backward_apply", "grad_out", grad_out, input)
+    _check_like_input("bn_backward_apply", "output", output, input)
+    for what, v in (("mean", mean), ("invstd", invstd), ("weight", weight), ("mean_dy", mean_dy),
+                    ("mean_dy_xmu", mean_dy_xmu)):
+        _check_channel_vector("bn_backward_apply", what, v, c, input.device)
+    if (mean_dy is None) != (mean_dy_xmu is None):
+        raise ValueError("bn_backward_apply: mean_dy and mean_dy_xmu must be given together")
+    if relu and output is None:
+        raise ValueError("bn_backward_apply: relu=True needs the forward output")
+    return _kernel("bn_backward_apply", input)(grad_out, input, output, mean, invstd, weight,
+                                                mean_dy, mean_dy_xmu, relu)
+
+
+# --------------------------------------------------------------------------------------------
+# fake kernels and autograd of the C++ ops (registered once the extension has defined them)
+# --------------------------------------------------------------------------------------------
+def _channel_vector_like(input: Tensor) -> Tensor:
+    return input.new_empty((input.shape[1],), dtype=opmath_dtype(input.dtype))
+
+
+def _fake_bn_stats(input):
+    return _channel_vector_like(input), _channel_vector_like(input)
+
+
+def _fake_bn_apply(input, scale, shift, residual, res_scale, res_shift, relu):
+    return torch.empty_like(input)
+
+
+def _fake_bn_backward_reduce(grad_out, input, output, mean, relu):
+    return _channel_vector_like(input), _channel_vector_like(input)
+
+
+def _fake_bn_backward_apply(grad_out, input, output, mean, invstd, weight, mean_dy, mean_dy_xmu, relu):
+    return torch.empty_like(input)
+
+
+def _per_channel(v: Tensor, ndim: int) -> Tensor:
+    return v.reshape([1, -1] + [1] * (ndim - 2))
+
+
+def _bn_stats_setup(ctx, inputs, output):
+    (input,) = inputs
+    ctx.save_for_backward(input, output[0])
+
+
+def _bn_stats_backward(ctx, grad_mean, grad_var):
+    input, mean = ctx.saved_tensors
+    acc = opmath_dtype(input.dtype)
+    count = input.numel() // input.shape[1]
+    nd = input.dim()
+    grad = torch.zeros((), dtype=acc, device=input.device)
+    if grad_mean is not None:
+        grad = grad + _per_channel(grad_mean.to(acc), nd) / count
+    if grad_var is not None:
+        xmu = input.to(acc) - _per_channel(mean, nd)
+        grad = grad + xmu * _per_channel(grad_var.to(acc), nd) * (2.0 / count)
+    return grad.expand(input.shape).to(input.dtype)
+
+
+def _bn_apply_setup(ctx, inputs, output):
+    input, scale, shift, residual, res_scale, res_shift, relu = inputs
+    ctx.relu = relu
+    ctx.has_residual = residual is not None
+    ctx.dtypes = (scale.dtype, shift.dtype, None if res_scale is None else res_scale.dtype)
+    ctx.save_for_backward(input, scale, residual, res_scale, output if relu else None)
+
+
+def _bn_apply_backward(ctx, grad_out):
+    # grad wrt input = g*scale, wrt scale = sum(g*input), wrt shift = sum(g): the BN backward
+    # primitives with mean 0 and invstd 1 compute exactly these.
+    input, scale, residual, res_scale, output = ctx.saved_tensors
+    relu = ctx.relu
+    grad_out = grad_out.contiguous(memory_format=reference._memory_format(input))
+    zeros = torch.zeros_like(scale, dtype=opmath_dtype(input.dtype))
+    ones = torch.ones_like(zeros)
+    sum_dy, sum_dy_x = bn_backward_reduce(grad_out, input, output, zeros, relu)
+    grad_input = bn_backward_apply(grad_out, input, output, zeros, ones, scale, None, None, relu)
+    grads = [grad_input, sum_dy_x.to(ctx.dtypes[0]), sum_dy.to(ctx.dtypes[1]), None, None, None, None]
+    if ctx.has_residual:
+        grads[3] = bn_backward_apply(grad_out, residual, output, zeros, ones, res_scale, None, None, relu)
+        if res_scale is not None:
+            _, sum_dy_r = bn_backward_reduce(grad_out, residual, output, zeros, relu)
+            grads[4] = sum_dy_r.to(ctx.dtypes[2])
+            grads[5] = sum_dy.to(ctx.dtypes[2])
+    return tuple(grads)
+
+
+_registered = False
+
+
+def register_cpp_ops() -> bool:
+    """Register fake kernels and autograd for the C++ ops; True when the extension is loaded."""
+    global _registered
+    if _registered:
+        return True
+    if not _extension.cpp_available():
+        return False
+    lib = "resnet_fused::"
+    torch.library.register_fake(lib + "bn_stats")(_fake_bn_stats)
+    torch.library.register_fake(lib + "bn_apply")(_fake_bn_apply)
+    torch.library.register_fake(lib + "bn_backward_reduce")(_fake_bn_backward_reduce)
+    torch.library.register_fake(lib + "bn_backward_apply")(_fake_bn_backward_apply)
+    torch.library.register_autograd(lib + "bn_stats", _bn_stats_backward, setup_context=_bn_stats_setup)
+    torch.library.register_autograd(lib + "bn_apply", _bn_apply_backward, setup_context=_bn_apply_setup)
+    _registered = True
+    return True

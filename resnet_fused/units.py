@@ -1,0 +1,194 @@
+"""The autograd units of DESIGN.md, built on the primitives of :mod:`resnet_fused.ops`.
+
+* :func:`bn_relu_conv` — ``conv(relu(bn(y)))`` that saves only ``y`` and the per-channel statistics
+  and recomputes ``a = relu(bn(y))`` in backward (eager torchvision keeps ``a`` alive).
+* :func:`bn_add_relu` — the block end ``relu(bn(y) + identity)``, where the identity is either a
+  tensor or ``bn_ds(y_ds)`` (the downsample branch's BatchNorm, applied in the same pass).
+
+A BatchNorm is described by :class:`BNState`: the statistics the forward normalizes with (batch
+statistics in training, running statistics otherwise) and its affine parameters. The statistics are
+computed outside the autograd Functions from a detached input; each Function's backward returns the
+*complete* gradient of its input, statistics terms included, so autograd never sees the statistics.
+Running statistics are updated by :func:`update_running_stats` only after every kernel of a block has
+succeeded, so a failing call leaves module state untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from . import ops
+from .reference import opmath_dtype
+
+
+@dataclass
+class BNState:
+    """What one BatchNorm contributes to a fused pass."""
+
+    module: nn.Module
+    mean: Tensor            # per-channel, accumulation dtype
+    invstd: Tensor          # per-channel, accumulation dtype
+    weight: Tensor          # gamma (a parameter or, for FrozenBatchNorm2d, a buffer)
+    bias: Tensor            # beta
+    batch_stats: bool       # True: normalizes with this batch's statistics (training)
+    var: Optional[Tensor] = None  # biased batch variance, for the running-statistics update
+    count: int = 0                # elements per channel in this batch
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm2d) and bn.training
+
+
+def prepare_bn(bn: nn.Module, y: Tensor) -> BNState:
+    """Statistics for normalizing ``y`` with ``bn`` (no module state is changed here)."""
+    acc = opmath_dtype(y.dtype)
+    if uses_batch_stats(bn):
+        mean, var = ops.bn_stats(y.detach())
+        invstd = torch.rsqrt(var + bn.eps)
+        return BNState(bn, mean, invstd, bn.weight, bn.bias, True, var, y.numel() // y.shape[1])
+    # eval-mode BatchNorm2d or FrozenBatchNorm2d: running statistics are constants
+    mean = bn.running_mean.detach().to(acc)
+    invstd = torch.rsqrt(bn.running_var.detach().to(acc) + bn.eps)
+    return BNState(bn, mean, invstd, bn.weight, bn.bias, False)
+
+
+def update_running_stats(states: Sequence[BNState]) -> None:
+    """nn.BatchNorm2d's running-statistics update (momentum, momentum=None cumulative average,
+    unbiased variance, num_batches_tracked), for every BN that normalized with batch statistics."""
+    with torch.no_grad():
+        for s in states:
+            if not s.batch_stats:
+                continue
+            bn = s.module
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            unbiased = s.var * (s.count / (s.count - 1))
+            bn.running_mean.mul_(1 - factor).add_(s.mean.to(bn.running_mean.dtype), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+    acc = mean.dtype
+    scale = weight.to(acc) * invstd
+    shift = bias.to(acc) - mean * scale
+    return scale, shift
+
+
+def _bn_input_grad(grad: Tensor, y: Tensor, out: Tensor, mean: Tensor, invstd: Tensor,
+                   weight: Tensor, batch_stats: bool, need_input: bool
+                   ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+    """BN(+ReLU) backward: (grad_y, grad_weight, grad_bias) given the masked-by-``out`` gradient."""
+    sum_dy, sum_dy_xmu = ops.bn_backward_reduce(grad, y, out, mean, True)
+    grad_y = None
+    if need_input:
+        if batch_stats:
+            count = y.numel() // y.shape[1]
+            grad_y = ops.bn_backward_apply(grad, y, out, mean, invstd, weight, sum_dy / count,
+                                           sum_dy_xmu / count, True)
+        else:
+            grad_y = ops.bn_backward_apply(grad, y, out, mean, invstd, weight, None, None, True)
+    return grad_y, (sum_dy_xmu * invstd).to(weight.dtype), sum_dy.to(weight.dtype)
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _BNReLUConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, mean, invstd, weight, bias, conv_weight, stride, padding, dilation, groups,
+                batch_stats):
+        scale, shift = _scale_shift(mean, invstd, weight, bias)
+        a = ops.bn_apply(y, scale, shift, None, None, None, True)
+        z = torch.ops.aten.convolution(a, conv_weight, None, stride, padding, dilation, False,
+                                       [0, 0], groups)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.batch_stats = batch_stats
+        ctx.save_for_backward(y, mean, invstd, weight, bias, conv_weight)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        y, mean, invstd, weight, bias, conv_weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need_y, need_w, need_b, need_cw = (ctx.needs_input_grad[0], ctx.needs_input_grad[3],
+                                           ctx.needs_input_grad[4], ctx.needs_input_grad[5])
+        scale, shift = _scale_shift(mean, invstd, weight, bias)
+        a = ops.bn_apply(y, scale, shift, None, None, None, True)  # recompute, never saved
+        need_a = need_y or need_w or need_b
+        grad_a, grad_cw, _ = torch.ops.aten.convolution_backward(
+            grad_z, a, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [need_a, need_cw, False])
+        grad_y = grad_w = grad_b = None
+        if need_a:
+            grad_a = grad_a.contiguous(memory_format=_memory_format(y))
+            grad_y, grad_w, grad_b = _bn_input_grad(grad_a, y, a, mean, invstd, weight,
+                                                    ctx.batch_stats, need_y)
+        return (grad_y, None, None, grad_w if need_w else None, grad_b if need_b else None,
+                grad_cw if need_cw else None, None, None, None, None, None)
+
+
+def bn_relu_conv(y: Tensor, bn: BNState, conv: nn.Conv2d, conv_weight: Tensor) -> Tensor:
+    """``conv(relu(bn(y)))``; saves ``y`` and statistics, recomputes the BN+ReLU in backward."""
+    return _BNReLUConv.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, conv_weight,
+                             list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
+                             bn.batch_stats)
+
+
+class _BNAddReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, mean, invstd, weight, bias, batch_stats, residual,
+                y_ds, mean_ds, invstd_ds, weight_ds, bias_ds, batch_stats_ds):
+        scale, shift = _scale_shift(mean, invstd, weight, bias)
+        if y_ds is not None:
+            res_scale, res_shift = _scale_shift(mean_ds, invstd_ds, weight_ds, bias_ds)
+            out = ops.bn_apply(y, scale, shift, y_ds, res_scale, res_shift, True)
+        else:
+            out = ops.bn_apply(y, scale, shift, residual, None, None, True)
+        ctx.batch_stats = (batch_stats, batch_stats_ds)
+        ctx.has_ds = y_ds is not None
+        ctx.save_for_backward(y, mean, invstd, weight, out, y_ds, mean_ds, invstd_ds, weight_ds)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, mean, invstd, weight, out, y_ds, mean_ds, invstd_ds, weight_ds = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_out = grad_out.contiguous(memory_format=_memory_format(out))
+        grads: List[Optional[Tensor]] = [None] * 13
+        if need[0] or need[3] or need[4]:
+            gy, gw, gb = _bn_input_grad(grad_out, y, out, mean, invstd, weight, ctx.batch_stats[0], need[0])
+            grads[0], grads[3], grads[4] = gy, gw if need[3] else None, gb if need[4] else None
+        if ctx.has_ds:
+            if need[7] or need[10] or need[11]:
+                gy, gw, gb = _bn_input_grad(grad_out, y_ds, out, mean_ds, invstd_ds, weight_ds,
+                                            ctx.batch_stats[1], need[7])
+                grads[7], grads[10], grads[11] = gy, gw if need[10] else None, gb if need[11] else None
+        elif need[6]:
+            grads[6] = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        return tuple(grads)
+
+
+def bn_add_relu(y: Tensor, bn: BNState, identity: Optional[Tensor] = None,
+                y_ds: Optional[Tensor] = None, bn_ds: Optional[BNState] = None) -> Tensor:
+    """``relu(bn(y) + identity)``, or ``relu(bn(y) + bn_ds(y_ds))`` in one pass."""
+    if y_ds is not None:
+        return _BNAddReLU.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, bn.batch_stats, None,
+                                y_ds, bn_ds.mean, bn_ds.invstd, bn_ds.weight, bn_ds.bias, bn_ds.batch_stats)
+    return _BNAddReLU.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, bn.batch_stats, identity,
+                            None, None, None, None, None, None)
+
+
+def is_supported_norm(bn: nn.Module) -> bool:
+    """Norm layers the fused units reproduce exactly: BatchNorm2d with affine parameters and running
+    statistics, and torchvision's FrozenBatchNorm2d (an eval-mode affine transform)."""
+    if type(bn) is FrozenBatchNorm2d:
+        return True
+    return (type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+            and bn.running_mean is not None)
