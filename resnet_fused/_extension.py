@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from functools import lru_cache
 from typing import Any, Dict, Optional
 
 import torch
 
 
-@lru_cache(maxsize=None)
-def _load() -> tuple:
-    """Returns ``(module or None, reason or None)``; warns once when the extension is unusable."""
+def _try_load() -> tuple:
+    """Returns ``(module or None, reason or None)``; warns when the extension is unusable."""
     try:
         module = importlib.import_module("resnet_fused._C")
     except Exception as exc:  # ImportError, OSError (undefined symbol on ABI mismatch), ...
@@ -25,31 +23,42 @@ def _load() -> tuple:
             f"{reason}; the C++ kernels are unavailable and the 'reference' (pure PyTorch) backend "
             "runs instead. Rebuild with `pip install --no-build-isolation -e .`.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
         return None, reason
     built_with = module.build_info().get("built_with_torch")
     if built_with and built_with.split("+")[0] != torch.__version__.split("+")[0]:
         reason = f"resnet_fused._C was built against torch {built_with}, running torch {torch.__version__}"
         warnings.warn(f"{reason}; falling back to the 'reference' backend. Rebuild the extension.",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=2)
         return None, reason
     return module, None
 
 
+# Loaded once, at import: plain module globals keep backend resolution cheap and traceable by
+# torch.compile (no import machinery or caches inside a traced region).
+_EXTENSION, _REASON = _try_load()
+
+
+def _load() -> tuple:
+    return _EXTENSION, _REASON
+
+
 def extension() -> Optional[Any]:
     """The loaded ``resnet_fused._C`` module, or None."""
-    return _load()[0]
+    return _EXTENSION
 
 
 def cpp_available() -> bool:
-    return extension() is not None
+    return _EXTENSION is not None
 
 
 def cuda_kernels_available() -> bool:
     """CUDA kernels compiled in *and* registered for the ops (the CUDA kernels are a later issue)."""
-    ext = extension()
-    return bool(ext is not None and ext.build_info().get("cuda_ops", False))
+    return _CUDA_OPS
+
+
+_CUDA_OPS = bool(_EXTENSION is not None and _EXTENSION.build_info().get("cuda_ops", False))
 
 
 def triton_version() -> Optional[str]:
