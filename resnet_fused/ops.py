@@ -163,13 +163,13 @@ def _bn_stats_backward(ctx, grad_mean, grad_var):
     acc = opmath_dtype(input.dtype)
     count = input.numel() // input.shape[1]
     nd = input.dim()
-    grad = torch.zeros((), dtype=acc, device=input.device)
+    grad = torch.zeros(input.shape, dtype=acc, device=input.device)
     if grad_mean is not None:
         grad = grad + _per_channel(grad_mean.to(acc), nd) / count
     if grad_var is not None:
         xmu = input.to(acc) - _per_channel(mean, nd)
         grad = grad + xmu * _per_channel(grad_var.to(acc), nd) * (2.0 / count)
-    return grad.expand(input.shape).to(input.dtype)
+    return grad.to(input.dtype)
 
 
 def _bn_apply_setup(ctx, inputs, output):
