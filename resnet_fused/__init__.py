@@ -8,7 +8,7 @@
 Backends: ``cpu`` (C++), ``cuda`` (CUDA C++), ``triton``, ``reference`` (pure PyTorch);
 see :mod:`resnet_fused.backends`.
 """
-from . import ops
+from . import models, ops
 from ._extension import build_info
 from .backends import available_backends, backend_for, get_backend, set_backend, use_backend
 from .blocks import FusedBasicBlock, FusedBottleneck
@@ -20,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedBasicBlock", "FusedBottleneck", "swap_blocks", "unswap_blocks", "SwapReport",
     "available_backends", "backend_for", "get_backend", "set_backend", "use_backend",
-    "build_info", "ops", "__version__",
+    "build_info", "models", "ops", "__version__",
 ]
