@@ -13,12 +13,13 @@ from ._extension import build_info
 from .backends import available_backends, backend_for, get_backend, set_backend, use_backend
 from .blocks import FusedBasicBlock, FusedBottleneck
 from .convert import SwapReport, swap_blocks, unswap_blocks
+from .fold import fold_bn
 
 ops.register_cpp_ops()
 
 __version__ = "0.1.0"
 __all__ = [
-    "FusedBasicBlock", "FusedBottleneck", "swap_blocks", "unswap_blocks", "SwapReport",
+    "FusedBasicBlock", "FusedBottleneck", "swap_blocks", "unswap_blocks", "SwapReport", "fold_bn",
     "available_backends", "backend_for", "get_backend", "set_backend", "use_backend",
     "build_info", "models", "ops", "__version__",
 ]

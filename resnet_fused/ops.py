@@ -219,3 +219,21 @@ def register_cpp_ops() -> bool:
     torch.library.register_autograd(lib + "bn_apply", _bn_apply_backward, setup_context=_bn_apply_setup)
     _registered = True
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# inference: conv + bias (+ residual) + ReLU of the folded blocks
+# --------------------------------------------------------------------------------------------
+def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
+                  groups: int, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``relu?(conv2d(input, weight, bias) + residual)`` for folded (BatchNorm-free) blocks.
+
+    The residual add and ReLU run in place on the fresh conv output (no extra allocation); a
+    convolution's backward does not need its output, so autograd stays correct.
+    """
+    out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        out = out.add_(residual)
+    if relu:
+        out = torch.relu_(out)
+    return out

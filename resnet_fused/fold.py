@@ -1,0 +1,206 @@
+"""``fold_bn``: an inference model with every foldable BatchNorm folded into the conv before it.
+
+``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``, computed in
+float64 and cast back to the conv's dtype. Three passes over a deep copy (the input model is never
+touched):
+
+1. ResNet blocks (torchvision's, fused or not; subclasses with their own ``forward`` excepted) become
+   :class:`FoldedBasicBlock` / :class:`FoldedBottleneck`, which run conv + bias (+ residual) + ReLU
+   through :func:`resnet_fused.ops.conv_bias_act`.
+2. Everything else is traced with ``torch.fx`` (blocks are leaf modules: their input checks are not
+   traceable, and they are already folded by structure); each ``Conv2d -> BatchNorm2d`` /
+   ``FrozenBatchNorm2d`` edge where the conv output has no other user is folded and the BN node removed.
+3. When the model cannot be traced, a structural pass folds adjacent ``Conv2d, BN`` pairs inside
+   ``nn.Sequential`` containers (vgg*_bn, mobilenet_v2, the downsample branches) instead.
+
+State dict of the folded model: every folded BN's keys are gone and its conv gains a ``bias`` key;
+all other keys are unchanged (blocks keep ``conv1``/``conv2``/``conv3``/``downsample.0`` names).
+BN without running statistics is left in place.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from . import ops
+
+__all__ = ["fold_bn", "fold_conv_bn", "FoldedBasicBlock", "FoldedBottleneck"]
+
+
+def _is_foldable_norm(bn: nn.Module) -> bool:
+    if type(bn) is FrozenBatchNorm2d:
+        return True
+    return isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """A new Conv2d computing ``bn(conv(x))`` (BN with running statistics), folded in float64."""
+    if conv.out_channels != bn.running_mean.shape[0]:
+        raise ValueError(f"cannot fold {bn} into {conv}: channel counts differ")
+    dtype = conv.weight.dtype
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
+    mean, var = bn.running_mean.detach().double(), bn.running_var.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    k = gamma / torch.sqrt(var + bn.eps)
+    folded = copy.deepcopy(conv)
+    folded.weight = nn.Parameter((w * k.reshape(-1, 1, 1, 1)).to(dtype), requires_grad=False)
+    folded.bias = nn.Parameter(((b - mean) * k + beta).to(dtype), requires_grad=False)
+    return folded
+
+
+class _FoldedBlock(nn.Module):
+    """Shared forward pieces of the folded blocks."""
+
+    def _downsample(self, x: Tensor) -> Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+    @staticmethod
+    def _conv(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return ops.conv_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                 conv.groups, residual=residual, relu=True)
+
+
+class FoldedBasicBlock(_FoldedBlock):
+    """Inference BasicBlock: ``relu(conv2'(relu(conv1'(x))) + identity)`` with BN folded."""
+
+    def __init__(self, block: BasicBlock):
+        super().__init__()
+        self.conv1 = fold_conv_bn(block.conv1, block.bn1)
+        self.conv2 = fold_conv_bn(block.conv2, block.bn2)
+        self.downsample = _fold_downsample(block.downsample)
+        self.stride = block.stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._conv(self.conv1, x)
+        return self._conv(self.conv2, out, residual=self._downsample(x))
+
+
+class FoldedBottleneck(_FoldedBlock):
+    """Inference Bottleneck with BN folded into its three convs."""
+
+    def __init__(self, block: Bottleneck):
+        super().__init__()
+        self.conv1 = fold_conv_bn(block.conv1, block.bn1)
+        self.conv2 = fold_conv_bn(block.conv2, block.bn2)
+        self.conv3 = fold_conv_bn(block.conv3, block.bn3)
+        self.downsample = _fold_downsample(block.downsample)
+        self.stride = block.stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._conv(self.conv1, x)
+        out = self._conv(self.conv2, out)
+        return self._conv(self.conv3, out, residual=self._downsample(x))
+
+
+def _fold_downsample(ds: Optional[nn.Module]) -> Optional[nn.Module]:
+    if ds is None:
+        return None
+    ds = copy.deepcopy(ds)
+    _fold_sequentials(ds)
+    return ds
+
+
+def _foldable_block(module: nn.Module) -> Optional[type]:
+    """The folded class for a torchvision block (fused or not) whose convs and norms fold exactly."""
+    for base, folded in ((BasicBlock, FoldedBasicBlock), (Bottleneck, FoldedBottleneck)):
+        if not isinstance(module, base):
+            continue
+        from .blocks import FusedBasicBlock, FusedBottleneck
+
+        own_forward = type(module).forward
+        if own_forward not in (base.forward, FusedBasicBlock.forward, FusedBottleneck.forward):
+            return None  # a subclass with its own forward (e.g. quantizable): fold it generically
+        norms = [module.bn1, module.bn2] + ([module.bn3] if base is Bottleneck else [])
+        convs = [module.conv1, module.conv2] + ([module.conv3] if base is Bottleneck else [])
+        if all(_is_foldable_norm(n) for n in norms) and all(type(c) is nn.Conv2d for c in convs) \
+                and type(module.relu) is nn.ReLU:
+            return folded
+    return None
+
+
+def _fold_blocks(model: nn.Module) -> nn.Module:
+    if _foldable_block(model) is not None:
+        return _foldable_block(model)(model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, _fold_blocks(child))
+    return model
+
+
+def _fold_sequentials(model: nn.Module) -> None:
+    """Fold adjacent (Conv2d, BN) pairs inside nn.Sequential containers, in place."""
+    for module in list(model.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules.keys())
+        for first, second in zip(names, names[1:]):
+            conv, bn = module._modules[first], module._modules[second]
+            if type(conv) is nn.Conv2d and _is_foldable_norm(bn):
+                module._modules[first] = fold_conv_bn(conv, bn)
+                module._modules[second] = nn.Identity()
+
+
+class _LeafBlockTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (FoldedBasicBlock, FoldedBottleneck, BasicBlock, Bottleneck)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _fold_traced(model: nn.Module) -> Optional[nn.Module]:
+    """Fold Conv2d -> BN edges of the fx graph; None when the model cannot be traced."""
+    try:
+        tracer = _LeafBlockTracer()
+        graph = tracer.trace(model)
+    except Exception:
+        return None
+    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not _is_foldable_norm(modules.get(node.target)):
+            continue
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and type(modules.get(src.target)) is nn.Conv2d and len(src.users) == 1):
+            continue
+        folded = fold_conv_bn(modules[src.target], modules[node.target])
+        _replace_submodule(gm, src.target, folded)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _replace_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
+    parent_name, _, name = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, name, new)
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """A new inference model with BatchNorm folded into the preceding convs; ``model`` is untouched.
+
+    Raises RuntimeError for a model in training mode (batch statistics cannot be folded).
+    """
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise RuntimeError(
+            f"fold_bn needs a model in eval mode (BatchNorm in training mode normalizes with batch "
+            f"statistics, which cannot be folded); call model.eval() first. In training mode: "
+            f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''}")
+    folded = _fold_blocks(copy.deepcopy(model))
+    traced = _fold_traced(folded)
+    if traced is not None:
+        traced.eval()
+        return traced
+    _fold_sequentials(folded)
+    return folded
