@@ -8,8 +8,10 @@ touched):
    :class:`FoldedBasicBlock` / :class:`FoldedBottleneck`, which run conv + bias (+ residual) + ReLU
    through :func:`resnet_fused.ops.conv_bias_act`.
 2. Everything else is traced with ``torch.fx`` (blocks are leaf modules: their input checks are not
-   traceable, and they are already folded by structure); each ``Conv2d -> BatchNorm2d`` /
-   ``FrozenBatchNorm2d`` edge where the conv output has no other user is folded and the BN node removed.
+   traceable, and they are already folded by structure) to find each ``Conv2d -> BatchNorm2d`` /
+   ``FrozenBatchNorm2d`` edge where the conv output has no other user; the fold then happens in the
+   model's own module tree (folded conv in place of the conv, ``nn.Identity`` in place of the BN), so
+   the folded model keeps its class and structure.
 3. When the model cannot be traced, a structural pass folds adjacent ``Conv2d, BN`` pairs inside
    ``nn.Sequential`` containers (vgg*_bn, mobilenet_v2, the downsample branches) instead.
 
@@ -20,7 +22,8 @@ BN without running statistics is left in place.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from collections import Counter
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -149,35 +152,30 @@ def _fold_sequentials(model: nn.Module) -> None:
 
 class _LeafBlockTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (FoldedBasicBlock, FoldedBottleneck, BasicBlock, Bottleneck)):
+        if isinstance(m, (FoldedBasicBlock, FoldedBottleneck, BasicBlock, Bottleneck, FrozenBatchNorm2d)):
             return True
         return super().is_leaf_module(m, qualname)
 
 
-def _fold_traced(model: nn.Module) -> Optional[nn.Module]:
-    """Fold Conv2d -> BN edges of the fx graph; None when the model cannot be traced."""
+def _traced_conv_bn_pairs(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
+    """(conv, bn) module names where the BN's only input is the conv's output and that output has
+    no other user, each module called once; None when the model cannot be traced."""
     try:
-        tracer = _LeafBlockTracer()
-        graph = tracer.trace(model)
+        graph = _LeafBlockTracer().trace(model)
     except Exception:
         return None
-    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
         if node.op != "call_module" or not _is_foldable_norm(modules.get(node.target)):
             continue
-        src = node.args[0] if node.args else None
-        if not (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and type(modules.get(src.target)) is nn.Conv2d and len(src.users) == 1):
-            continue
-        folded = fold_conv_bn(modules[src.target], modules[node.target])
-        _replace_submodule(gm, src.target, folded)
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+        src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and type(modules.get(src.target)) is nn.Conv2d and len(src.users) == 1
+                and calls[src.target] == 1 and calls[node.target] == 1):
+            pairs.append((src.target, node.target))
+    return pairs
 
 
 def _replace_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
@@ -198,9 +196,14 @@ def fold_bn(model: nn.Module) -> nn.Module:
             f"statistics, which cannot be folded); call model.eval() first. In training mode: "
             f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''}")
     folded = _fold_blocks(copy.deepcopy(model))
-    traced = _fold_traced(folded)
-    if traced is not None:
-        traced.eval()
-        return traced
-    _fold_sequentials(folded)
+    pairs = _traced_conv_bn_pairs(folded)
+    if pairs is None:
+        _fold_sequentials(folded)
+        return folded
+    # Fold in the module tree itself (not in an fx GraphModule), so the model keeps its class and
+    # structure: the conv is replaced by its folded copy, the BN by an Identity.
+    for conv_name, bn_name in pairs:
+        conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+        _replace_submodule(folded, conv_name, fold_conv_bn(conv, bn))
+        _replace_submodule(folded, bn_name, nn.Identity())
     return folded

@@ -1,0 +1,166 @@
+"""fold_bn: parity with the eval-mode original across model families, state, refusal in training."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import resnet_fused
+from resnet_fused.fold import FoldedBasicBlock, FoldedBottleneck
+
+
+def rel_err(a, ref):
+    a, ref = a.detach().double(), ref.detach().double()
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def _randomize_norms(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def _frozen_backbone():
+    body = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+    return IntermediateLayerGetter(body, {"layer3": "c4", "layer4": "c5"})
+
+
+FAMILIES = {
+    "resnet18": lambda: torchvision.models.resnet18(),
+    "resnet50_swapped": lambda: resnet_fused.models.resnet50(),
+    "resnext50_32x4d": lambda: torchvision.models.resnext50_32x4d(),
+    "vgg11_bn": lambda: torchvision.models.vgg11_bn(),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(),
+    "googlenet": lambda: torchvision.models.googlenet(aux_logits=False, init_weights=True),
+    "frozen_bn_backbone": _frozen_backbone,
+}
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return list(out.values()) if isinstance(out, dict) else [out]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fold_parity_per_family(family):
+    model = _randomize_norms(FAMILIES[family]()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    folded = resnet_fused.fold_bn(model)
+    norms_left = [m for m in folded.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms_left == []
+    for ours, ref in zip(_outputs(folded, x), _outputs(model, x)):
+        assert rel_err(ours, ref) <= 1e-5
+
+
+def test_fold_resnet_uses_folded_blocks_and_documented_keys():
+    model = _randomize_norms(torchvision.models.resnet50()).eval()
+    folded = resnet_fused.fold_bn(model)
+    assert isinstance(folded.layer1[0], FoldedBottleneck)
+    keys = set(folded.state_dict())
+    assert "layer1.0.conv1.bias" in keys and "layer1.0.downsample.0.bias" in keys and "conv1.bias" in keys
+    assert not any(".bn" in k or k.startswith("bn1.") or "downsample.1" in k for k in keys)
+    kept = {k for k in model.state_dict() if "bn" not in k and "downsample.1" not in k}
+    assert kept <= keys
+
+
+def test_fold_channels_last_and_batch_one():
+    model = _randomize_norms(torchvision.models.resnet18()).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 48, 40).to(memory_format=torch.channels_last)
+    folded = resnet_fused.fold_bn(model)
+    (ours,), (ref,) = _outputs(folded, x), _outputs(model, x)
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def test_fold_leaves_input_model_untouched():
+    model = _randomize_norms(torchvision.models.resnet18()).eval()
+    before = copy.deepcopy(model.state_dict())
+    resnet_fused.fold_bn(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(model.bn1, nn.BatchNorm2d)
+
+
+def test_fold_refuses_training_mode():
+    model = torchvision.models.resnet18()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        resnet_fused.fold_bn(model)
+    model.eval()
+    model.layer2[0].bn1.train()
+    with pytest.raises(RuntimeError, match="layer2.0.bn1"):
+        resnet_fused.fold_bn(model)
+
+
+def test_fold_keeps_bn_without_running_stats():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU())
+    model.eval()
+    folded = resnet_fused.fold_bn(model)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 8, 8)
+    assert rel_err(folded(x), model(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_fold_conv_bias_and_affine_variants(conv_bias, affine):
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, bias=conv_bias), nn.BatchNorm2d(6, affine=affine), nn.ReLU6())
+    _randomize_norms(model).eval()
+    folded = resnet_fused.fold_bn(model)
+    x = torch.randn(2, 3, 9, 7)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.ReLU6) for m in folded.modules())  # other activations stay
+    assert rel_err(folded(x), model(x)) <= 1e-5
+
+
+def test_conv_with_two_users_is_not_folded():
+    class TwoUsers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = _randomize_norms(TwoUsers()).eval()
+    folded = resnet_fused.fold_bn(model)
+    x = torch.randn(2, 3, 8, 8)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert rel_err(folded(x), model(x)) <= 1e-6
+
+
+def test_folded_model_pickles_deepcopies_and_saves_after_running():
+    model = _randomize_norms(torchvision.models.resnet18()).eval()
+    folded = resnet_fused.fold_bn(model)
+    x = torch.randn(1, 3, 32, 32)
+    (ref,) = _outputs(folded, x)
+    for clone in (pickle.loads(pickle.dumps(folded)), copy.deepcopy(folded)):
+        assert torch.equal(_outputs(clone, x)[0], ref)
+    buffer = io.BytesIO()
+    torch.save(folded.state_dict(), buffer)
+    buffer.seek(0)
+    again = resnet_fused.fold_bn(_randomize_norms(torchvision.models.resnet18()).eval())
+    again.load_state_dict(torch.load(buffer), strict=True)
+    assert torch.equal(_outputs(again, x)[0], ref)
+
+
+def test_folded_basic_block_matches_block():
+    block = torchvision.models.resnet.BasicBlock(8, 8)
+    _randomize_norms(block).eval()
+    folded = FoldedBasicBlock(block)
+    x = torch.randn(2, 8, 7, 9)
+    with torch.no_grad():
+        assert rel_err(folded(x), block(x)) <= 1e-5
