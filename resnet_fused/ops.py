@@ -12,6 +12,7 @@ primitives are used inside the autograd units' own backward and have no autograd
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -228,12 +229,72 @@ def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride,
                   groups: int, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """``relu?(conv2d(input, weight, bias) + residual)`` for folded (BatchNorm-free) blocks.
 
-    The residual add and ReLU run in place on the fresh conv output (no extra allocation); a
-    convolution's backward does not need its output, so autograd stays correct.
+    On CPU in inference (no autograd, not being compiled) this is one oneDNN convolution with the
+    bias, residual add and ReLU as fused post-ops on a pre-packed weight (``_mkldnn_conv_bias_act``);
+    elsewhere the public-API path runs: ATen conv, then the add and ReLU in place on the fresh conv
+    output (a convolution's backward does not need its output, so autograd stays correct).
     """
+    if _mkldnn_eligible(input, weight, residual):
+        return _mkldnn_conv_bias_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
     out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         out = out.add_(residual)
     if relu:
         out = torch.relu_(out)
     return out
+
+
+def _mkldnn_eligible(input: Tensor, weight: Tensor, residual: Optional[Tensor]) -> bool:
+    if torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
+        return False
+    if not torch.backends.mkldnn.enabled or input.device.type != "cpu" or input.dim() != 4:
+        return False
+    if input.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or (residual is not None and residual.requires_grad)):
+        return False
+    return residual is None or (residual.shape[0] == input.shape[0] and residual.dtype == input.dtype)
+
+
+# Pre-packed (opaque, oneDNN-layout) weights cannot be pickled, deep-copied or saved, so they are
+# not module state: this cache maps the plain weight tensor to its packed copies, per input shape and
+# weight version (an in-place update such as load_state_dict repacks), and dies with the weight.
+# Keyed by id() with a weakref callback: tensors cannot be dict keys by value (== is elementwise).
+_PACKED_WEIGHTS: dict = {}
+_MAX_PACKED_SHAPES = 4
+
+
+def _packed_cache_of(weight: Tensor) -> dict:
+    key = id(weight)
+    entry = _PACKED_WEIGHTS.get(key)
+    if entry is None or entry[0]() is not weight:
+        ref = weakref.ref(weight, lambda _, key=key: _PACKED_WEIGHTS.pop(key, None))
+        entry = _PACKED_WEIGHTS[key] = (ref, {})
+    return entry[1]
+
+
+def _packed_weight(weight: Tensor, input: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    per_weight = _packed_cache_of(weight)
+    key = (tuple(input.shape), weight._version, weight.data_ptr())
+    packed = per_weight.get(key)
+    if packed is None:
+        if len(per_weight) >= _MAX_PACKED_SHAPES:
+            per_weight.clear()
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            weight.detach(), list(padding), list(stride), list(dilation), groups, list(input.shape))
+        per_weight[key] = packed
+    return packed
+
+
+def _mkldnn_conv_bias_act(input, weight, bias, stride, padding, dilation, groups, residual, relu):
+    packed = _packed_weight(weight, input, stride, padding, dilation, groups)
+    args = (list(padding), list(stride), list(dilation), groups)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(input, packed, bias, *args,
+                                                       "relu" if relu else "none", [], None)
+    out_format = torch.channels_last if input.is_contiguous(memory_format=torch.channels_last) \
+        and not input.is_contiguous() else torch.contiguous_format
+    residual = residual.contiguous(memory_format=out_format)
+    return torch.ops.mkldnn._convolution_pointwise.binary(input, residual, packed, bias, *args, "add",
+                                                          None, "relu" if relu else None, [], None)

@@ -164,3 +164,43 @@ def test_folded_basic_block_matches_block():
     x = torch.randn(2, 8, 7, 9)
     with torch.no_grad():
         assert rel_err(folded(x), block(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 4)])
+def test_private_mkldnn_path_matches_public_path(channels_last, with_residual, stride, groups):
+    """Pins the private oneDNN ops (fused post-ops, pre-packed weights) against the public path."""
+    from resnet_fused import ops
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 8, 11, 9).to(memory_format=fmt)
+    w = torch.randn(16, 8 // groups, 3, 3).to(memory_format=fmt)
+    b = torch.randn(16)
+    residual = torch.randn(2, 16, (11 - 1) // stride + 1, (9 - 1) // stride + 1).to(memory_format=fmt) \
+        if with_residual else None
+    args = (x, w, b, (stride, stride), (1, 1), (1, 1), groups)
+    with torch.no_grad():
+        assert ops._mkldnn_eligible(x, w, residual)
+        fast = ops.conv_bias_act(*args, residual=residual)
+        fast_again = ops.conv_bias_act(*args, residual=residual)  # the cached packed weight
+        with torch.backends.mkldnn.flags(enabled=False):
+            public = ops.conv_bias_act(*args, residual=residual)
+    assert fast.shape == public.shape
+    assert rel_err(fast, public) <= 1e-6 and torch.equal(fast, fast_again)
+    with torch.no_grad():
+        w.mul_(2)  # an in-place update must repack
+        assert rel_err(ops.conv_bias_act(*args, residual=residual),
+                       ops.conv_bias_act(x, w.clone(), b, (stride, stride), (1, 1), (1, 1), groups,
+                                         residual=residual)) <= 1e-6
+
+
+def test_mkldnn_path_not_taken_under_autograd():
+    from resnet_fused import ops
+
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3)
+    assert not ops._mkldnn_eligible(x, w, None)
+    out = ops.conv_bias_act(x, w, None, (1, 1), (1, 1), (1, 1), 1)
+    out.sum().backward()
+    assert x.grad is not None
