@@ -1,0 +1,133 @@
+// Per-element and per-partial formulas of the fused BatchNorm/ReLU/residual ops, shared by the CPU
+// (csrc/cpu) and CUDA (csrc/cuda) kernels: one formula, two backends. The executable spec is
+// resnet_fused/reference.py; the order of operations here follows it.
+//
+// `T` is the accumulation ("opmath") type: float for float/half/bfloat16 storage, double for double.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+namespace resnet_fused {
+namespace math {
+
+// ReLU exactly as torch: `v < 0 -> 0`, so NaN passes through.
+template <typename T>
+C10_HOST_DEVICE inline T relu(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// ReLU backward (threshold_backward semantics): the gradient is masked where the forward output is
+// <= 0, so a NaN output passes the gradient.
+template <typename T>
+C10_HOST_DEVICE inline T relu_backward_mask(T grad, T output) {
+  return output <= T(0) ? T(0) : grad;
+}
+
+// Gradient after the optional ReLU mask.
+template <typename T>
+C10_HOST_DEVICE inline T masked_grad(T grad, T output, bool relu) {
+  return relu ? relu_backward_mask(grad, output) : grad;
+}
+
+// bn_apply without residual: x*scale + shift.
+template <typename T>
+C10_HOST_DEVICE inline T bn_affine(T x, T scale, T shift) {
+  return x * scale + shift;
+}
+
+// bn_apply with residual: (x*scale + shift) + residual', then ReLU if asked.
+template <typename T>
+C10_HOST_DEVICE inline T bn_apply_residual(T x, T scale, T shift, T residual, bool relu_on) {
+  const T out = bn_affine(x, scale, shift) + residual;
+  return relu_on ? relu(out) : out;
+}
+
+// bn_apply with the residual's own affine (the downsample branch's BatchNorm folded in):
+// (x*scale + shift) + (r*res_scale + res_shift), then ReLU if asked.
+template <typename T>
+C10_HOST_DEVICE inline T bn_apply_residual_affine(
+    T x, T scale, T shift, T r, T res_scale, T res_shift, bool relu_on) {
+  return bn_apply_residual(x, scale, shift, bn_affine(r, res_scale, res_shift), relu_on);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T bn_apply_plain(T x, T scale, T shift, bool relu_on) {
+  const T out = bn_affine(x, scale, shift);
+  return relu_on ? relu(out) : out;
+}
+
+// Per-channel coefficients of bn_backward_apply:
+//   k    = invstd * weight              (weight None means 1)
+//   proj = invstd^2 * mean_dy_xmu
+template <typename T>
+C10_HOST_DEVICE inline T backward_scale(T invstd, T weight) {
+  return invstd * weight;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T backward_proj(T invstd, T mean_dy_xmu) {
+  return (invstd * invstd) * mean_dy_xmu;
+}
+
+// Training form (batch statistics): (g - mean_dy - (x - mean) * proj) * k.
+template <typename T>
+C10_HOST_DEVICE inline T bn_backward_elem(T g, T x, T mean, T mean_dy, T proj, T k) {
+  return (g - mean_dy - (x - mean) * proj) * k;
+}
+
+// Eval form (statistics are constants): g * k.
+template <typename T>
+C10_HOST_DEVICE inline T bn_backward_elem_eval(T g, T k) {
+  return g * k;
+}
+
+// ---- statistics ------------------------------------------------------------------------------
+// Partial statistics of one chunk: element count, mean and M2 = sum((x - mean)^2). Partials are
+// merged with Chan's formula, which is exact in exact arithmetic and does not cancel
+// catastrophically for inputs whose mean is large compared with their spread.
+template <typename T>
+struct StatsPartial {
+  T n;
+  T mean;
+  T m2;
+};
+
+// Chunk sums taken about a shift K (a sample of the chunk): s1 = sum(x - K), s2 = sum((x - K)^2).
+// Since K is close to the chunk's data, s2 - s1^2/n does not cancel catastrophically.
+template <typename T>
+C10_HOST_DEVICE inline StatsPartial<T> stats_from_shifted_sums(T n, T shift, T s1, T s2) {
+  StatsPartial<T> p;
+  p.n = n;
+  if (n > T(0)) {
+    const T d = s1 / n;
+    p.mean = shift + d;
+    const T m2 = s2 - s1 * d;
+    p.m2 = m2 > T(0) ? m2 : T(0);
+  } else {
+    p.mean = T(0);
+    p.m2 = T(0);
+  }
+  return p;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline StatsPartial<T> stats_merge(const StatsPartial<T>& a, const StatsPartial<T>& b) {
+  if (b.n == T(0)) return a;
+  if (a.n == T(0)) return b;
+  StatsPartial<T> r;
+  r.n = a.n + b.n;
+  const T delta = b.mean - a.mean;
+  const T wb = b.n / r.n;
+  r.mean = a.mean + delta * wb;
+  r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
+  return r;
+}
+
+// Biased variance of merged statistics (NaN for an empty channel, like torch's mean of nothing).
+template <typename T>
+C10_HOST_DEVICE inline T stats_biased_var(const StatsPartial<T>& p) {
+  return p.m2 / p.n;
+}
+
+}  // namespace math
+}  // namespace resnet_fused

@@ -1,0 +1,69 @@
+// Schemas of the resnet_fused ops and the pybind11 module `resnet_fused._C`.
+//
+// Importing `resnet_fused._C` loads this library, which registers the schemas below (TORCH_LIBRARY)
+// and the CPU kernels (csrc/cpu, TORCH_LIBRARY_IMPL). CUDA kernels are a later issue: the CUDA
+// sources are compiled (when a toolkit is found) but register nothing yet. The semantics are those of
+// resnet_fused/reference.py.
+
+// Light includes on purpose (torch/extension.h would double this file's compile time): the module
+// only returns a dict, so plain pybind11 is enough.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef RESNET_FUSED_TORCH_VERSION
+#define RESNET_FUSED_TORCH_VERSION "unknown"
+#endif
+
+#ifdef RESNET_FUSED_WITH_CUDA
+namespace resnet_fused {
+namespace cuda {
+// Defined in csrc/cuda/bn_cuda.cu (compiled by nvcc).
+const char* compiled_cuda_version();
+bool cuda_compiled();
+}  // namespace cuda
+}  // namespace resnet_fused
+#endif
+
+TORCH_LIBRARY(resnet_fused, m) {
+  m.def("bn_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def(
+      "bn_apply(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? res_scale, "
+      "Tensor? res_shift, bool relu) -> Tensor");
+  m.def(
+      "bn_backward_reduce(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, bool relu) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "bn_backward_apply(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor? mean_dy, Tensor? mean_dy_xmu, bool relu) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["built_with_torch"] = std::string(RESNET_FUSED_TORCH_VERSION);
+#ifdef RESNET_FUSED_WITH_CUDA
+  info["cuda"] = resnet_fused::cuda::cuda_compiled();
+  info["cuda_version"] = std::string(resnet_fused::cuda::compiled_cuda_version());
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+#endif
+  // CUDA kernels registered for the ops' CUDA dispatch key (a later issue): none yet.
+  info["cuda_ops"] = false;
+  info["cpu_kernels"] = std::string("scalar loops + at::parallel_for");
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // torch's Python side must be initialized before torch.ops.resnet_fused is used; the library
+  // itself finds libtorch through its rpath.
+  pybind11::module_::import("torch");
+  m.doc() = "resnet_fused compiled ops: importing this module registers torch.ops.resnet_fused.*";
+  m.def("build_info", &build_info,
+        "What was compiled: built_with_torch, cuda (CUDA sources compiled in), cuda_version, cpu_kernels");
+}

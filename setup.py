@@ -1,0 +1,188 @@
+"""Build of the ``resnet_fused._C`` extension (metadata lives in pyproject.toml).
+
+Build with ``pip install --no-build-isolation -e .`` after torch, torchvision and ninja are installed:
+an isolated build could fetch another torch and produce an extension that does not load against the
+installed one.
+
+* C++ CPU sources (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always compiled.
+* CUDA sources (``csrc/cuda/*.cu``) are compiled when torch is a CUDA build and a CUDA toolkit (nvcc)
+  is found. ``RESNET_FUSED_SKIP_CUDA=1`` skips them; ``RESNET_FUSED_FORCE_CUDA=1`` requires them
+  (the build fails if that is impossible).
+* The toolkit root is found from the *real* nvcc: ``$CUDA_HOME``/``$CUDA_PATH`` when set, else the
+  ``nvcc`` on PATH with symlinks resolved and shell-script shims (``exec /path/to/nvcc "$@"``) followed,
+  else ``/usr/local/cuda*``. It is exported as ``CUDA_HOME`` before ``torch.utils.cpp_extension`` is
+  imported (torch would otherwise guess the root from the shim's directory).
+* ``TORCH_CUDA_ARCH_LIST`` is honoured; when unset and no GPU is visible it defaults to one
+  architecture plus PTX (``RESNET_FUSED_DEFAULT_ARCH``, "9.0+PTX"), which the driver JIT-compiles for
+  newer GPUs. torch.utils.cpp_extension raises an IndexError with no GPU and no arch list.
+* CPU kernels are compiled once, with ``-O3`` and no ``-march=native`` (per-capability variants are a
+  later issue). ``RESNET_FUSED_DEBUG=1`` keeps debug info (``-g``) in the C++ objects.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH = "9.0+PTX"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _log(msg: str) -> None:
+    print(f"[resnet_fused setup] {msg}", file=sys.stderr)
+
+
+def _is_toolkit_root(root: str | None) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(root, "include", "cuda_runtime.h")
+    )
+
+
+def _resolve_nvcc(path: str, depth: int = 0) -> str | None:
+    """Follow symlinks and shell-script shims until the real nvcc binary."""
+    real = os.path.realpath(path)
+    if depth > 8 or not os.path.isfile(real):
+        return None
+    with open(real, "rb") as f:
+        head = f.read(4)
+    if head == b"\x7fELF":
+        return real
+    if head[:2] != b"#!":
+        return real  # not a script we can parse: take it as it is
+    with open(real, "r", errors="replace") as f:
+        text = f.read(65536)
+    # `exec /usr/local/cuda-13.0/bin/nvcc "$@"` (optionally quoted path)
+    for m in re.finditer(r"^\s*exec\s+(?:\"([^\"]+)\"|'([^']+)'|(\S+))", text, flags=re.M):
+        target = next(g for g in m.groups() if g)
+        target = os.path.expandvars(target)
+        if os.path.basename(target).startswith("nvcc") and os.path.realpath(target) != real:
+            found = _resolve_nvcc(target, depth + 1)
+            if found:
+                return found
+    return None
+
+
+def find_cuda_home() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root:
+            if _is_toolkit_root(root):
+                return os.path.realpath(root)
+            _log(f"ignoring ${var}={root}: no bin/nvcc and include/cuda_runtime.h there")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = _resolve_nvcc(nvcc)
+        if real:
+            root = os.path.dirname(os.path.dirname(real))
+            if _is_toolkit_root(root):
+                return root
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if _is_toolkit_root(root):
+            return os.path.realpath(root)
+    return None
+
+
+def _want_cuda() -> tuple[bool, str | None]:
+    skip, force = _env_flag("RESNET_FUSED_SKIP_CUDA"), _env_flag("RESNET_FUSED_FORCE_CUDA")
+    if skip and force:
+        raise RuntimeError("RESNET_FUSED_SKIP_CUDA and RESNET_FUSED_FORCE_CUDA are both set")
+    if skip:
+        _log("RESNET_FUSED_SKIP_CUDA=1: building the CPU kernels only")
+        return False, None
+    reason = None
+    cuda_home = None
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is not a CUDA build"
+    else:
+        cuda_home = find_cuda_home()
+        if cuda_home is None:
+            reason = "no CUDA toolkit (nvcc) found"
+    if reason:
+        if force:
+            raise RuntimeError(f"RESNET_FUSED_FORCE_CUDA=1 but {reason}")
+        _log(f"{reason}: building the CPU kernels only")
+        return False, None
+    return True, cuda_home
+
+
+WITH_CUDA, CUDA_HOME = _want_cuda()
+if WITH_CUDA:
+    # Must happen before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import time.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    _log(f"CUDA toolkit: {CUDA_HOME}")
+
+import torch.utils.cpp_extension as cpp_ext  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if WITH_CUDA:
+    cpp_ext.CUDA_HOME = CUDA_HOME  # in case the module was imported earlier with a wrong guess
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("RESNET_FUSED_DEFAULT_ARCH", DEFAULT_ARCH)
+        _log(f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: using {os.environ['TORCH_CUDA_ARCH_LIST']}")
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def make_extension():
+    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    defines = [f'-DRESNET_FUSED_TORCH_VERSION="{torch.__version__}"']
+    # No -march=native: the binary must run on any x86-64. No -std flag: torch.utils.cpp_extension
+    # adds the standard torch needs (C++20 for torch 2.14). -g0 overrides the -g that Python's own
+    # CFLAGS add: it cuts the C++ compile time by about a third and the .so from ~9 MB to ~1 MB
+    # (RESNET_FUSED_DEBUG=1 keeps debug info).
+    cxx = ["-O3"] + ([] if _env_flag("RESNET_FUSED_DEBUG") else ["-g0"]) + defines
+    extra_compile_args = {"cxx": cxx}
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    # rpath to torch's libraries so `import resnet_fused._C` works even before `import torch`
+    # ($ORIGIN/../torch/lib for an installed wheel, the absolute build-time path for editable installs).
+    extra_link_args = ["-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if WITH_CUDA:
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        cxx.append("-DRESNET_FUSED_WITH_CUDA")
+        extra_compile_args["nvcc"] = ["-O3", "-DRESNET_FUSED_WITH_CUDA"] + defines
+        return CUDAExtension(
+            "resnet_fused._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
+        )
+    return CppExtension(
+        "resnet_fused._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
+    )
+
+
+setup(
+    # `resnet_fused.triton_kernels` lives in the top-level folder triton_kernels/ (the import name
+    # cannot collide with other `triton_kernels` packages). Editable installs: setuptools' default
+    # PEP 660 mode ("lenient", setuptools >= 64; checked with 84.2) installs a meta-path finder
+    # (site-packages/__editable___resnet_fused_*_finder.py) whose MAPPING holds every package_dir
+    # entry, this nested one included, so `import resnet_fused.triton_kernels` works from any
+    # directory (tests/test_cpp_ops.py::test_triton_kernels_package_mapping checks it). Do not use
+    # `--config-settings editable_mode=compat`: it only puts the project root on sys.path, and the
+    # nested mapping is lost. Regular (non-editable) installs copy triton_kernels/ into the wheel
+    # as resnet_fused/triton_kernels/.
+    packages=["resnet_fused", "resnet_fused.triton_kernels"],
+    package_dir={"resnet_fused": "resnet_fused", "resnet_fused.triton_kernels": "triton_kernels"},
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

@@ -1,0 +1,407 @@
+"""The C++ CPU kernels (``torch.ops.resnet_fused.*`` from ``resnet_fused._C``) against the spec,
+:mod:`resnet_fused.reference`: values, dtypes, memory formats, robustness of the statistics,
+determinism, NaN propagation, and argument validation."""
+import pytest
+import torch
+
+try:
+    import resnet_fused._C as _C
+except Exception as exc:  # not built, or built against another torch
+    pytest.skip(f"resnet_fused._C cannot be imported ({type(exc).__name__}: {exc}); build it with "
+                "`pip install --no-build-isolation -e .`", allow_module_level=True)
+
+from resnet_fused import reference
+
+OPS = torch.ops.resnet_fused
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+# Odd sizes, batch 1, rank 2/3/5, and shapes that span several reduction chunks in both layouts
+# (NCHW: S >= 2048 split in pieces, S < 2048 grouping planes; channels last: > 256 rows, > 64 channels).
+SHAPES = [
+    (3, 5, 7, 9),
+    (1, 4, 6, 6),
+    (2, 3),
+    (2, 3, 5),
+    (2, 3, 4, 5, 3),
+    (2, 3, 50, 47),
+    (40, 6, 7, 9),
+    (3, 70, 11, 13),
+]
+
+
+def rel_err(a, ref):
+    a, ref = a.detach().double(), ref.detach().double()
+    return ((a - ref).norm() / ref.norm()).item()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def to_layout(t, channels_last):
+    """Channels-last strides for any rank >= 3 ([N, *spatial, C] dense); NCHW otherwise."""
+    if not channels_last or t.dim() < 3:
+        return t.contiguous()
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def rand(shape, g, dtype, channels_last=False, mean=0.0, std=1.0):
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * std + mean
+    return to_layout(t.to(dtype), channels_last)
+
+
+def vec(c, g, lo=-1.0, hi=1.0, dtype=torch.float32):
+    return (torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_close(ours, ref, dtype):
+    assert ours.dtype == ref.dtype
+    assert ours.shape == ref.shape
+    err = rel_err(ours, ref)
+    assert err <= TOL[dtype], f"rel_err {err:.3e} > {TOL[dtype]:.0e}"
+
+
+def layouts(shape):
+    return [False, True] if len(shape) >= 3 else [False]
+
+
+CASES = [(s, cl) for s in SHAPES for cl in layouts(s)]
+CASE_IDS = [f"{'x'.join(map(str, s))}-{'cl' if cl else 'nchw'}" for s, cl in CASES]
+
+
+# ------------------------------------------------------------------------------------------------
+# build info and schemas
+# ------------------------------------------------------------------------------------------------
+def test_build_info():
+    info = _C.build_info()
+    assert info["built_with_torch"] == torch.__version__
+    assert isinstance(info["cuda"], bool)
+    assert info["cuda_version"] is None or isinstance(info["cuda_version"], str)
+    assert (info["cuda_version"] is not None) == info["cuda"]
+    assert isinstance(info["cpu_kernels"], str) and info["cpu_kernels"]
+
+
+def test_triton_kernels_package_mapping(tmp_path):
+    """setup.py maps the top-level folder triton_kernels/ to `resnet_fused.triton_kernels`; the
+    mapping must hold in editable installs too, from any directory (importing it needs no GPU)."""
+    import subprocess
+    import sys
+
+    code = "import resnet_fused.triton_kernels as t; print(t.KERNELS_AVAILABLE)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name,args", [
+    ("bn_stats", ["input"]),
+    ("bn_apply", ["input", "scale", "shift", "residual", "res_scale", "res_shift", "relu"]),
+    ("bn_backward_reduce", ["grad_out", "input", "output", "mean", "relu"]),
+    ("bn_backward_apply", ["grad_out", "input", "output", "mean", "invstd", "weight", "mean_dy",
+                           "mean_dy_xmu", "relu"]),
+])
+def test_schema_argument_names(name, args):
+    schema = getattr(OPS, name).default._schema
+    assert [a.name for a in schema.arguments] == args
+
+
+# ------------------------------------------------------------------------------------------------
+# values against the reference
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", CASES, ids=CASE_IDS)
+def test_bn_stats(shape, channels_last, dtype):
+    x = rand(shape, gen(1), dtype, channels_last, mean=0.5, std=2.0)
+    mean, var = OPS.bn_stats(x)
+    ref_mean, ref_var = reference.bn_stats(x)
+    assert mean.dtype == var.dtype == acc_dtype(dtype)
+    check_close(mean, ref_mean, dtype)
+    check_close(var, ref_var, dtype)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("residual", [None, "plain", "affine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", CASES, ids=CASE_IDS)
+def test_bn_apply(shape, channels_last, dtype, residual, relu):
+    g = gen(2)
+    c = shape[1]
+    x = rand(shape, g, dtype, channels_last)
+    scale, shift = vec(c, g, 0.5, 1.5), vec(c, g)
+    res = rand(shape, g, dtype, channels_last) if residual else None
+    rs, rsh = (vec(c, g, 0.5, 1.5), vec(c, g)) if residual == "affine" else (None, None)
+    out = OPS.bn_apply(x, scale, shift, res, rs, rsh, relu)
+    ref = reference.bn_apply(x, scale, shift, res, rs, rsh, relu)
+    check_close(out, ref, dtype)
+    assert out.stride() == x.stride(), "output must keep the input's memory format"
+    if relu:
+        assert (out >= 0).all()
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", CASES, ids=CASE_IDS)
+def test_bn_backward_reduce(shape, channels_last, dtype, relu):
+    g = gen(3)
+    c = shape[1]
+    x = rand(shape, g, dtype, channels_last, mean=0.3)
+    grad = rand(shape, g, dtype, channels_last)
+    output = rand(shape, g, dtype, channels_last)  # ~half negative: the mask matters
+    mean = vec(c, g, dtype=acc_dtype(dtype))
+    sum_dy, sum_dy_xmu = OPS.bn_backward_reduce(grad, x, output, mean, relu)
+    ref_dy, ref_dy_xmu = reference.bn_backward_reduce(grad, x, output, mean, relu)
+    assert sum_dy.dtype == sum_dy_xmu.dtype == acc_dtype(dtype)
+    check_close(sum_dy, ref_dy, dtype)
+    check_close(sum_dy_xmu, ref_dy_xmu, dtype)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("form", ["train", "eval", "eval-noweight"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", CASES, ids=CASE_IDS)
+def test_bn_backward_apply(shape, channels_last, dtype, form, relu):
+    g = gen(4)
+    c = shape[1]
+    x = rand(shape, g, dtype, channels_last, mean=0.3)
+    grad = rand(shape, g, dtype, channels_last)
+    output = rand(shape, g, dtype, channels_last)
+    mean, invstd = vec(c, g), vec(c, g, 0.5, 2.0)
+    weight = None if form == "eval-noweight" else vec(c, g, 0.5, 1.5)
+    mean_dy, mean_dy_xmu = (vec(c, g), vec(c, g)) if form == "train" else (None, None)
+    out = OPS.bn_backward_apply(grad, x, output, mean, invstd, weight, mean_dy, mean_dy_xmu, relu)
+    ref = reference.bn_backward_apply(grad, x, output, mean, invstd, weight, mean_dy, mean_dy_xmu, relu)
+    check_close(out, ref, dtype)
+    assert out.stride() == x.stride(), "grad_input must keep the input's memory format"
+
+
+def test_float16_is_supported():
+    g = gen(5)
+    x = rand((2, 3, 5, 7), g, torch.float16)
+    scale, shift = vec(3, g), vec(3, g)
+    check_close(OPS.bn_apply(x, scale, shift, None, None, None, True),
+                reference.bn_apply(x, scale, shift, None, None, None, True), torch.float16)
+    for ours, ref in zip(OPS.bn_stats(x), reference.bn_stats(x)):
+        check_close(ours, ref, torch.float16)
+
+
+def test_per_channel_vectors_in_any_floating_dtype():
+    """float64 / bfloat16 vectors with float32 input, float32 vectors with bfloat16 input (autocast)."""
+    g = gen(6)
+    for dtype, vdtype in [(torch.float32, torch.float64), (torch.float32, torch.bfloat16),
+                          (torch.bfloat16, torch.float32), (torch.float64, torch.float32)]:
+        x = rand((2, 4, 5, 3), g, dtype)
+        res = rand((2, 4, 5, 3), g, dtype)
+        v = [vec(4, g, 0.5, 1.5, vdtype) for _ in range(4)]
+        check_close(OPS.bn_apply(x, v[0], v[1], res, v[2], v[3], True),
+                    reference.bn_apply(x, v[0], v[1], res, v[2], v[3], True), dtype)
+        sums = OPS.bn_backward_reduce(res, x, None, v[0], False)
+        for ours, ref in zip(sums, reference.bn_backward_reduce(res, x, None, v[0], False)):
+            check_close(ours, ref, dtype)
+        check_close(OPS.bn_backward_apply(res, x, None, v[0], v[1], v[2], v[3], v[0], False),
+                    reference.bn_backward_apply(res, x, None, v[0], v[1], v[2], v[3], v[0], False), dtype)
+
+
+def test_non_dense_input_is_handled():
+    """A strided view (neither NCHW nor channels last) is copied; results as the reference."""
+    g = gen(7)
+    base = rand((3, 4, 10, 9), g, torch.float32)
+    x = base[:, :, ::2, 1:]
+    res = rand((3, 4, 5, 8), g, torch.float32, channels_last=True)
+    scale, shift = vec(4, g), vec(4, g)
+    out = OPS.bn_apply(x, scale, shift, res, None, None, True)
+    check_close(out, reference.bn_apply(x, scale, shift, res, None, None, True), torch.float32)
+    assert out.is_contiguous()
+    for ours, ref in zip(OPS.bn_stats(x), reference.bn_stats(x)):
+        check_close(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("input_cl", [False, True], ids=["input-nchw", "input-cl"])
+def test_operands_in_another_layout_than_input(input_cl):
+    """residual / grad_out / output in the other memory format: made to match the input's."""
+    g = gen(8)
+    shape, c = (2, 6, 5, 7), 6
+    x = rand(shape, g, torch.float32, input_cl)
+    other = [rand(shape, g, torch.float32, not input_cl) for _ in range(3)]
+    scale, shift, mean, invstd = vec(c, g), vec(c, g), vec(c, g), vec(c, g, 0.5, 2.0)
+    out = OPS.bn_apply(x, scale, shift, other[0], scale, shift, True)
+    check_close(out, reference.bn_apply(x, scale, shift, other[0], scale, shift, True), torch.float32)
+    assert out.stride() == x.stride()
+    for ours, ref in zip(OPS.bn_backward_reduce(other[1], x, other[2], mean, True),
+                         reference.bn_backward_reduce(other[1], x, other[2], mean, True)):
+        check_close(ours, ref, torch.float32)
+    dx = OPS.bn_backward_apply(other[1], x, other[2], mean, invstd, scale, shift, mean, True)
+    check_close(dx, reference.bn_backward_apply(other[1], x, other[2], mean, invstd, scale, shift, mean, True),
+                torch.float32)
+    assert dx.stride() == x.stride()
+
+
+def test_empty_batch():
+    x = torch.empty(0, 3, 4, 4)
+    mean, var = OPS.bn_stats(x)
+    assert mean.shape == var.shape == (3,) and mean.isnan().all() and var.isnan().all()
+    v = torch.ones(3)
+    assert OPS.bn_apply(x, v, v, None, None, None, True).shape == x.shape
+    sum_dy, _ = OPS.bn_backward_reduce(x, x, None, v, False)
+    assert (sum_dy == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics robustness, determinism, NaN
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,channels_last", [((8, 4, 16, 16), False), ((8, 4, 16, 16), True),
+                                                 ((4, 3, 64, 64), False), ((16, 80, 9, 9), True)])
+def test_bn_stats_large_mean(shape, channels_last):
+    """mean = 1e3 x std: the variance keeps rel_err <= 1e-4 in float32 (no cancellation)."""
+    g = gen(9)
+    c = shape[1]
+    x = rand(shape, g, torch.float32, channels_last)
+    offsets = (vec(c, g, 0.5, 1.0) * 1e3).reshape([1, c] + [1] * (len(shape) - 2))
+    x = to_layout(x + offsets, channels_last)  # std 1, mean 500..1000 per channel
+    mean, var = OPS.bn_stats(x)
+    true_mean, true_var = reference.bn_stats(x.double())  # exact statistics of the float32 data
+    assert rel_err(var, true_var) <= 1e-4
+    assert rel_err(mean, true_mean) <= 1e-6
+
+
+def _reductions(x, grad, out, mean):
+    return [*OPS.bn_stats(x), *OPS.bn_backward_reduce(grad, x, out, mean, True)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_reductions_are_deterministic(channels_last):
+    """Same bits twice, and with 1 thread vs 2 threads."""
+    g = gen(10)
+    shape = (16, 72, 30, 30)
+    x = rand(shape, g, torch.float32, channels_last, mean=3.0)
+    grad = rand(shape, g, torch.float32, channels_last)
+    out = rand(shape, g, torch.float32, channels_last)
+    mean = vec(72, g)
+    first = _reductions(x, grad, out, mean)
+    second = _reductions(x, grad, out, mean)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _reductions(x, grad, out, mean)
+        torch.set_num_threads(2)
+        two = _reductions(x, grad, out, mean)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c, d in zip(first, second, one, two):
+        assert torch.equal(a, b)
+        assert torch.equal(a, c)
+        assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_propagates_through_relu_like_torch(dtype, channels_last):
+    g = gen(11)
+    x = rand((2, 3, 4, 5), g, dtype, channels_last)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 0, 0] = float("nan")
+    scale, shift = vec(3, g), vec(3, g)
+    out = OPS.bn_apply(x, scale, shift, None, None, None, True)
+    acc = acc_dtype(dtype)
+    expected = torch.relu(x.to(acc) * scale.to(acc).reshape(1, -1, 1, 1) + shift.to(acc).reshape(1, -1, 1, 1))
+    expected = expected.to(dtype)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert out[0, 1, 2, 3].isnan() and out[1, 2, 0, 0].isnan()
+    torch.testing.assert_close(out, expected, equal_nan=True, atol=0, rtol=TOL[dtype])
+    # backward: a NaN forward output passes the gradient (threshold_backward semantics)
+    grad = rand((2, 3, 4, 5), g, dtype, channels_last)
+    dx = OPS.bn_backward_apply(grad, x, out, scale, shift.abs() + 0.5, None, None, None, True)
+    ref = reference.bn_backward_apply(grad, x, out, scale, shift.abs() + 0.5, None, None, None, True)
+    torch.testing.assert_close(dx, ref, equal_nan=True, atol=0, rtol=0)
+    assert dx[0, 1, 2, 3] != 0
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+def _x(shape=(2, 3, 4, 4), dtype=torch.float32):
+    return rand(shape, gen(12), dtype)
+
+
+def test_rejects_rank_below_two():
+    with pytest.raises(RuntimeError, match=r"rank >= 2"):
+        OPS.bn_stats(torch.randn(5))
+    with pytest.raises(RuntimeError, match=r"rank >= 2"):
+        OPS.bn_apply(torch.randn(5), torch.ones(5), torch.ones(5), None, None, None, False)
+
+
+def test_rejects_non_floating_input():
+    with pytest.raises(RuntimeError, match=r"floating-point"):
+        OPS.bn_stats(torch.arange(24).reshape(2, 3, 4))
+
+
+def test_rejects_wrong_channel_vector_length():
+    x, v = _x(), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"scale must be a per-channel vector of length C=3"):
+        OPS.bn_apply(x, torch.ones(4), v, None, None, None, False)
+    with pytest.raises(RuntimeError, match=r"res_shift must be a per-channel vector of length C=3"):
+        OPS.bn_apply(x, v, v, x, v, torch.ones(2), False)
+    with pytest.raises(RuntimeError, match=r"mean must be a per-channel vector of length C=3"):
+        OPS.bn_backward_reduce(x, x, None, torch.ones(2), False)
+    with pytest.raises(RuntimeError, match=r"invstd must be a per-channel vector of length C=3"):
+        OPS.bn_backward_apply(x, x, None, v, torch.ones(1, 3), None, None, None, False)
+
+
+def test_rejects_shape_mismatch():
+    x, v = _x(), torch.ones(3)
+    other = _x((2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match=r"residual must have the input's shape"):
+        OPS.bn_apply(x, v, v, other, None, None, False)
+    with pytest.raises(RuntimeError, match=r"grad_out must have the input's shape"):
+        OPS.bn_backward_reduce(other, x, None, v, False)
+    with pytest.raises(RuntimeError, match=r"output must have the input's shape"):
+        OPS.bn_backward_apply(x, x, other, v, v, None, None, None, True)
+
+
+def test_rejects_dtype_mismatch():
+    x, v = _x(), torch.ones(3)
+    x64 = x.double()
+    with pytest.raises(RuntimeError, match=r"residual must have the input's dtype"):
+        OPS.bn_apply(x, v, v, x64, None, None, False)
+    with pytest.raises(RuntimeError, match=r"grad_out must have the input's dtype"):
+        OPS.bn_backward_reduce(x64, x, None, v, False)
+    with pytest.raises(RuntimeError, match=r"output must have the input's dtype"):
+        OPS.bn_backward_apply(x, x, x64, v, v, None, None, None, True)
+
+
+def test_rejects_inconsistent_optional_arguments():
+    x, v = _x(), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"res_scale and res_shift must be given together"):
+        OPS.bn_apply(x, v, v, x, v, None, False)
+    with pytest.raises(RuntimeError, match=r"need a residual"):
+        OPS.bn_apply(x, v, v, None, v, v, False)
+    with pytest.raises(RuntimeError, match=r"mean_dy and mean_dy_xmu must be given together"):
+        OPS.bn_backward_apply(x, x, None, v, v, None, v, None, False)
+    with pytest.raises(RuntimeError, match=r"relu=True requires output"):
+        OPS.bn_backward_reduce(x, x, None, v, True)
+    with pytest.raises(RuntimeError, match=r"relu=True requires output"):
+        OPS.bn_backward_apply(x, x, None, v, v, None, None, None, True)
+
+
+def _cpu_kernel(name):
+    """The CPU kernel itself, bypassing dispatch (a meta tensor would otherwise select the Meta key)."""
+    op = getattr(OPS, name).default
+    keyset = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    return lambda *args: op.redispatch(keyset, *args)
+
+
+def test_rejects_tensors_on_different_devices():
+    x, v = _x(), torch.ones(3)
+    meta_v, meta_x = torch.empty(3, device="meta"), torch.empty(x.shape, device="meta")
+    with pytest.raises(RuntimeError, match=r"scale is on meta but input is on cpu"):
+        _cpu_kernel("bn_apply")(x, meta_v, v, None, None, None, False)
+    with pytest.raises(RuntimeError, match=r"residual is on meta but input is on cpu"):
+        _cpu_kernel("bn_apply")(x, v, v, meta_x, None, None, False)
+    with pytest.raises(RuntimeError, match=r"grad_out is on meta but input is on cpu"):
+        _cpu_kernel("bn_backward_reduce")(meta_x, x, None, v, False)
+    with pytest.raises(RuntimeError, match=r"weight is on meta but input is on cpu"):
+        _cpu_kernel("bn_backward_apply")(x, x, None, v, v, meta_v, None, None, False)
