@@ -78,19 +78,21 @@ def _scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> 
     return scale, shift
 
 
-def _bn_input_grad(grad: Tensor, y: Tensor, out: Tensor, mean: Tensor, invstd: Tensor,
+def _bn_input_grad(grad: Tensor, y: Tensor, relu_out: Optional[Tensor], mean: Tensor, invstd: Tensor,
                    weight: Tensor, batch_stats: bool, need_input: bool
                    ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
-    """BN(+ReLU) backward: (grad_y, grad_weight, grad_bias) given the masked-by-``out`` gradient."""
-    sum_dy, sum_dy_xmu = ops.bn_backward_reduce(grad, y, out, mean, True)
+    """BN(+ReLU) backward: (grad_y, grad_weight, grad_bias). With ``relu_out`` the gradient is
+    masked where that ReLU output is <= 0 inside the kernels; without, ``grad`` is already masked."""
+    relu = relu_out is not None
+    sum_dy, sum_dy_xmu = ops.bn_backward_reduce(grad, y, relu_out, mean, relu)
     grad_y = None
     if need_input:
         if batch_stats:
             count = y.numel() // y.shape[1]
-            grad_y = ops.bn_backward_apply(grad, y, out, mean, invstd, weight, sum_dy / count,
-                                           sum_dy_xmu / count, True)
+            grad_y = ops.bn_backward_apply(grad, y, relu_out, mean, invstd, weight, sum_dy / count,
+                                           sum_dy_xmu / count, relu)
         else:
-            grad_y = ops.bn_backward_apply(grad, y, out, mean, invstd, weight, None, None, True)
+            grad_y = ops.bn_backward_apply(grad, y, relu_out, mean, invstd, weight, None, None, relu)
     return grad_y, (sum_dy_xmu * invstd).to(weight.dtype), sum_dy.to(weight.dtype)
 
 
@@ -161,17 +163,21 @@ class _BNAddReLU(torch.autograd.Function):
         y, mean, invstd, weight, out, y_ds, mean_ds, invstd_ds, weight_ds = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_out = grad_out.contiguous(memory_format=_memory_format(out))
+        # The ReLU-masked gradient is needed by both branches (and is the identity's gradient):
+        # masking once and running the BN backward primitives unmasked reads less memory than
+        # masking inside each of them.
+        grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
         grads: List[Optional[Tensor]] = [None] * 13
         if need[0] or need[3] or need[4]:
-            gy, gw, gb = _bn_input_grad(grad_out, y, out, mean, invstd, weight, ctx.batch_stats[0], need[0])
+            gy, gw, gb = _bn_input_grad(grad, y, None, mean, invstd, weight, ctx.batch_stats[0], need[0])
             grads[0], grads[3], grads[4] = gy, gw if need[3] else None, gb if need[4] else None
         if ctx.has_ds:
             if need[7] or need[10] or need[11]:
-                gy, gw, gb = _bn_input_grad(grad_out, y_ds, out, mean_ds, invstd_ds, weight_ds,
+                gy, gw, gb = _bn_input_grad(grad, y_ds, None, mean_ds, invstd_ds, weight_ds,
                                             ctx.batch_stats[1], need[7])
                 grads[7], grads[10], grads[11] = gy, gw if need[10] else None, gb if need[11] else None
         elif need[6]:
-            grads[6] = torch.ops.aten.threshold_backward(grad_out, out, 0)
+            grads[6] = grad
         return tuple(grads)
 
 
