@@ -204,3 +204,35 @@ def test_mkldnn_path_not_taken_under_autograd():
     out = ops.conv_bias_act(x, w, None, (1, 1), (1, 1), (1, 1), 1)
     out.sum().backward()
     assert x.grad is not None
+
+
+def test_folded_model_exports_with_torch_export():
+    model = _randomize_norms(torchvision.models.resnet18()).eval()
+    folded = resnet_fused.fold_bn(model)
+    x = torch.randn(1, 3, 48, 48)
+    program = torch.export.export(folded, (x,))
+    with torch.no_grad():
+        assert rel_err(program.module()(x), folded(x)) <= 1e-5
+
+
+def test_folded_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs the optional extra: pip install '.[onnx]'")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is needed to run the exported model")
+    model = _randomize_norms(torchvision.models.resnet18()).eval()
+    folded = resnet_fused.fold_bn(model)
+    x = torch.randn(1, 3, 48, 48)
+    path = tmp_path / "folded.onnx"
+    torch.onnx.export(folded, (x,), str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(out), folded(x)) <= 1e-5
+
+
+def test_folded_block_compiles():
+    block = _randomize_norms(torchvision.models.resnet.BasicBlock(8, 8)).eval()
+    folded = resnet_fused.fold_bn(block)
+    x = torch.randn(2, 8, 9, 9)
+    compiled = torch.compile(folded, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(x), block(x)) <= 1e-5
