@@ -1,0 +1,588 @@
+"""``resnet-fused``: what was built (``info``), how fast it runs (``bench``), whether it is right
+(``check``).
+
+    resnet-fused info
+    resnet-fused bench --model resnet50 --batch 16 --size 160 --mode train --json out.json
+    resnet-fused check --model resnet18
+
+``bench`` times torchvision's eager model, the same model with fused blocks (same weights),
+``torch.compile`` of the torchvision model (with ``--compile``) and the limit model (every
+BatchNorm and ReLU removed: the bound where all fused work is free), interleaved in one process
+(:mod:`resnet_fused.benchmarking`), and quotes each speedup with its parity against torchvision.
+Bad arguments end with a one-line message on stderr and a non-zero exit status, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import resnet_fused
+from resnet_fused import benchmarking as bm
+from resnet_fused._extension import triton_version
+from resnet_fused.backends import BACKENDS, BackendError
+
+MODELS = tuple(resnet_fused.models.__all__)
+# DESIGN.md, "Numerics": float32 parity of fused vs torchvision
+TOL_OUT, TOL_GRAD, TOL_STATS = 1e-5, 1e-4, 1e-5
+# A kind of tensor also passes when float32 itself is the limit. Deep models on small random inputs
+# are ill-conditioned: torchvision's own float32 gradients of resnet50 at 64x64 are ~8% off float64,
+# mostly through ReLU masks that flip on rounding, a few discrete events per tensor. There the
+# worst error of the kind against a float64 torchvision must be within this factor of
+# torchvision's own worst (the ratio DESIGN.md uses for bfloat16 gradients).
+F64_RATIO = 1.25
+# ResNets downsample by 32: the last stage sees ceil(size / 32) squared positions per image
+_STRIDE = 32
+
+
+class UsageError(Exception):
+    """A bad argument or an impossible request: reported in one line, never as a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting, so
+    ``main`` can return a status (and tests can call it) with a one-line message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="resnet-fused", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{info,bench,check}")
+    commands.add_parser("info", help="what was built, and the available backends")
+    _add_bench_parser(commands)
+    _add_check_parser(commands)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser, batch: int, size: int) -> None:
+    p.add_argument("--model", default="resnet18", choices=MODELS, metavar="NAME",
+                   help=f"torchvision model, random weights (default resnet18; one of "
+                        f"{', '.join(MODELS)})")
+    p.add_argument("--batch", type=_positive_int, default=batch,
+                   help=f"batch size (default {batch})")
+    p.add_argument("--size", type=_positive_int, default=size,
+                   help=f"input height and width (default {size}; at least {_STRIDE})")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when a GPU is available, else cpu")
+    p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+                   help="fused-kernel backend (default auto: the best one for the device)")
+
+
+def _add_bench_parser(commands) -> None:
+    p = commands.add_parser(
+        "bench", help="throughput of torchvision vs fused blocks vs the limit model",
+        description="Times torchvision eager, fused blocks (same weights) and the limit model "
+                    "(all BatchNorm/ReLU removed), interleaved in one process, median over "
+                    "rounds; with --compile also torch.compile of the torchvision model. "
+                    "--compile is off by default: with a cold inductor cache, compiling resnet18 "
+                    "(train and eval) takes 75 s on an idle 2-core CPU and over 3 minutes on a "
+                    "busy one, against about 30 s for the rest of the default run. Compilation "
+                    "is timed on its own, never inside the rounds.")
+    _add_common(p, batch=8, size=112)
+    p.add_argument("--mode", default="both", choices=("train", "infer", "both"),
+                   help="train: forward+backward of a cross-entropy loss; infer: eval forward "
+                        "under no_grad (default both)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch.set_num_threads for the run (default: the current count)")
+    p.add_argument("--rounds", type=_positive_int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--warmup", type=_non_negative_int, default=1,
+                   help="untimed rounds first (default 1)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="models and input in channels_last")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="add torch.compile of the torchvision model as a peer (default off: "
+                        "slow to compile on a small CPU, see above)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as a list of records")
+
+
+def _add_check_parser(commands) -> None:
+    p = commands.add_parser(
+        "check", help="parity of fused vs torchvision (outputs, gradients, running statistics)",
+        description=f"float32 parity of the fused model vs torchvision on random inputs: "
+                    f"outputs <= {TOL_OUT:g}, gradients <= {TOL_GRAD:g}, running statistics "
+                    f"<= {TOL_STATS:g}, or, where float32 itself is that far off (deep models), "
+                    f"an error vs float64 within {F64_RATIO}x torchvision's own. Exit status 1 on "
+                    f"any failure.")
+    _add_common(p, batch=2, size=64)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``resnet-fused`` console script and ``python -m resnet_fused``."""
+    try:
+        args = build_parser().parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except (UsageError, BackendError) as exc:
+        print(f"resnet-fused: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# info
+# ------------------------------------------------------------------------------------------------
+def _info(args: argparse.Namespace) -> int:
+    for key, value in resnet_fused.build_info().items():
+        print(f"{key}: {value}")
+    print(f"available_backends: {', '.join(resnet_fused.available_backends())}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# shared by bench and check
+# ------------------------------------------------------------------------------------------------
+def _resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available here")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _validate_shape(batch: int, size: int, train: bool) -> None:
+    """Shapes a ResNet cannot take, refused up front instead of failing deep inside a model."""
+    if size < _STRIDE:
+        raise UsageError(f"--size {size}: ResNets downsample by {_STRIDE}, use --size >= {_STRIDE}")
+    if train and batch * math.ceil(size / _STRIDE) ** 2 < 2:
+        raise UsageError("training BatchNorm needs more than one value per channel in the last "
+                         f"stage: use --batch >= 2 or --size > {_STRIDE}")
+
+
+def _reference_model(name: str, x: Tensor) -> nn.Module:
+    """torchvision's model with random weights (no download), random BN affine parameters and
+    non-trivial running statistics, on ``x``'s device and memory format."""
+    model = getattr(torchvision.models, name)(weights=None)
+    bm.randomize_bn_affine(model)
+    memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    model = model.to(device=x.device, memory_format=memory_format)
+    bm.warm_running_stats(model, x)
+    return model
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _fused_copy(model: nn.Module) -> nn.Module:
+    return resnet_fused.swap_blocks(copy.deepcopy(model))
+
+
+def _ce_loss(labels: Tensor) -> Callable[[Tensor], Tensor]:
+    return lambda out: F.cross_entropy(out, labels)
+
+
+def _random_batch(batch: int, size: int, device: torch.device, channels_last: bool = False):
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 1000, (batch,), device=device)
+
+
+def _console() -> Console:
+    """stdout console; wide enough for the tables when stdout is a file or a pipe."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class _Variant:
+    name: str
+    model: nn.Module  # what is called (for torch.compile, the compiled wrapper)
+    module: nn.Module  # the plain module that holds its parameters and buffers
+    backend: str  # what runs its BatchNorm/ReLU work
+
+
+@dataclass
+class _Row:
+    variant: _Variant
+    timing: bm.TimingResult
+    parity: Optional[bm.Parity]
+    saved: Optional[int]
+    compile_s: Optional[float]
+
+
+def machine_info(device: torch.device, threads: int) -> Dict[str, Any]:
+    """Where (and how busy: the load average) the numbers were taken: quoted with every result,
+    as timings mean nothing without it."""
+    info: Dict[str, Any] = {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads,
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "triton": triton_version(), "resnet_fused": resnet_fused.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine_line(m: Dict[str, Any]) -> str:
+    gpu = f"{m['gpu']}, " if "gpu" in m else ""
+    load = "" if m["load_avg_1m"] is None else f", load {m['load_avg_1m']:.1f}"
+    return (f"machine: {gpu}{m['cpu']} ({m['cores']} cores, {m['cpu_capability']}{load}), "
+            f"{m['threads']} threads, torch {m['torch']}, torchvision {m['torchvision']}, "
+            f"triton {m['triton'] or 'not installed'}, {m['date']}")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    device = _resolve_device(args.device)
+    modes = ("train", "infer") if args.mode == "both" else (args.mode,)
+    _validate_shape(args.batch, args.size, "train" in modes)
+    if args.json:
+        _validate_json_path(args.json)
+    threads = args.threads or torch.get_num_threads()
+    console = _console()
+    with resnet_fused.use_backend(args.backend), bm.fixed_threads(threads):
+        backend = resnet_fused.backend_for(device, torch.float32)
+        machine = machine_info(device, threads)
+        console.print(_machine_line(machine))
+        x, labels = _random_batch(args.batch, args.size, device, args.channels_last)
+        variants = _variants(args.model, x, backend, args.compile)
+        records: List[Dict[str, Any]] = []
+        with _progress() as progress:
+            for mode in modes:
+                rows = _measure_mode(mode, variants, x, labels, args, threads, progress)
+                console.print(_table(rows, mode, args, device, threads))
+                records += _records(rows, mode, args, device, machine)
+    if args.json:
+        _write_json(args.json, records)
+    return 0
+
+
+def _variants(name: str, x: Tensor, backend: str, compile_peer: bool) -> List[_Variant]:
+    """The models to compare, all with the same weights: torchvision first (the reference)."""
+    ref = _reference_model(name, x)
+    fused = _fused_copy(ref)
+    variants = [_Variant("torchvision", ref, ref, "aten"), _Variant("fused", fused, fused, backend)]
+    if compile_peer:
+        plain = copy.deepcopy(ref)
+        variants.append(_Variant("compile", torch.compile(plain), plain, "inductor"))
+    limit = bm.limit_model(ref)
+    variants.append(_Variant("limit", limit, limit, "aten (no BN/ReLU)"))
+    return variants
+
+
+def _sync_state(variants: List[_Variant]) -> None:
+    """Gives every variant with BatchNorm the reference's running statistics: the models are
+    called different numbers of times (parity runs the reference once per peer), and the eval
+    comparison must start from one state. The limit model has no statistics to sync."""
+    state = variants[0].module.state_dict()
+    for v in variants[1:]:
+        if v.name != "limit":
+            v.module.load_state_dict(state)
+
+
+def _progress() -> Progress:
+    """A progress bar on stderr (stdout keeps only the results), gone when done."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+
+
+def _measure_mode(mode: str, variants: List[_Variant], x: Tensor, labels: Tensor,
+                  args: argparse.Namespace, threads: int, progress: Progress) -> List[_Row]:
+    """Compile (timed once, outside the rounds), parity, saved bytes, then interleaved rounds."""
+    train = mode == "train"
+    loss = _ce_loss(labels)
+    calls = {v.name: bm.train_step(v.model, x, loss) if train else bm.infer_forward(v.model, x)
+             for v in variants}
+    total = (args.warmup + args.rounds) * len(variants)
+    task = progress.add_task(f"{args.model} {mode}", total=total)
+    _sync_state(variants)
+    for v in variants:
+        v.module.train(train)
+    compile_s = _compile_times(calls, progress, task, f"{args.model} {mode}")
+    progress.update(task, description=f"{args.model} {mode}: parity")
+    parity = {v.name: _parity(train, variants[0].model, v, x, loss) for v in variants}
+    saved = {v.name: _saved(v, x) if train else None for v in variants}
+    progress.update(task, description=f"{args.model} {mode}: timing")
+    timings = bm.interleaved(calls, args.rounds, args.warmup, threads,
+                             progress=lambda _: progress.advance(task))
+    progress.remove_task(task)
+    return [_Row(v, timings[v.name], parity[v.name], saved[v.name], compile_s.get(v.name))
+            for v in variants]
+
+
+def _compile_times(calls: Dict[str, Callable[[], None]], progress: Progress, task: Any,
+                   label: str) -> Dict[str, float]:
+    """torch.compile compiles on the first call of each mode: time that call on its own."""
+    if "compile" not in calls:
+        return {}
+    progress.update(task, description=f"{label}: torch.compile (first call)")
+    return {"compile": bm.timed_call(calls["compile"])}
+
+
+def _parity(train: bool, ref: nn.Module, v: _Variant, x: Tensor, loss) -> Optional[bm.Parity]:
+    """rel_err vs torchvision; none for torchvision itself and for the limit model (another
+    function). The compiled peer is checked without the input gradient: asking for it would make
+    torch.compile compile the model a second time."""
+    if v.name in ("torchvision", "limit"):
+        return None
+    if not train:
+        return bm.infer_parity(ref, v.model, x)
+    x_in = x if v.name == "compile" else x.detach().requires_grad_(True)
+    return bm.train_parity(ref, v.model, x_in, loss)
+
+
+def _saved(v: _Variant, x: Tensor) -> Optional[int]:
+    """Activation bytes saved for backward (parameters excluded: alive anyway). Not measured for
+    the compiled model, whose saved tensors are chosen inside the compiled graph."""
+    if v.name == "compile":
+        return None
+    return bm.saved_bytes(lambda: v.model(x), exclude=list(v.module.parameters()))
+
+
+def _speedup_and_headroom(row: _Row, rows: List[_Row]):
+    by_name = {r.variant.name: r.timing.median for r in rows}
+    eager, limit = by_name["torchvision"], by_name["limit"]
+    t = row.timing.median
+    return eager / t, bm.headroom_share(eager, t, limit)
+
+
+def _table(rows: List[_Row], mode: str, args: argparse.Namespace, device: torch.device,
+           threads: int) -> Table:
+    train = mode == "train"
+    layout = "channels_last" if args.channels_last else "NCHW"
+    title = (f"{args.model} {'train step' if train else 'eval forward'}: batch {args.batch}, "
+             f"{args.size}x{args.size}, float32, {device.type}, {layout}, {threads} threads, "
+             f"median of {args.rounds} rounds (+{args.warmup} warmup)")
+    table = Table(title=title, title_justify="left")
+    for header in ("variant", "images/s", "ms (IQR)", "speedup", "headroom", "rel_err out"):
+        table.add_column(header, justify="left" if header == "variant" else "right")
+    if train:
+        table.add_column("rel_err grad (max)", justify="right")
+        table.add_column("saved for bwd", justify="right")
+    table.add_column("backend")
+    for row in rows:
+        speedup, headroom = _speedup_and_headroom(row, rows)
+        cells = [row.variant.name, f"{args.batch / row.timing.median:,.1f}",
+                 f"{row.timing.median * 1e3:,.1f} ±{row.timing.iqr * 1e3:,.1f}",
+                 f"{speedup:.2f}x", _fmt(headroom, ".0%"),
+                 _fmt(row.parity.output if row.parity else None, ".1e")]
+        if train:
+            cells.append(_fmt(row.parity.max_grad if row.parity else None, ".1e"))
+            cells.append("—" if row.saved is None else f"{row.saved / 2**20:,.1f} MiB")
+        cells.append(row.variant.backend)
+        table.add_row(*cells)
+    compiled = [r for r in rows if r.compile_s is not None]
+    if compiled:
+        table.caption = (f"torch.compile: first call (compilation) took "
+                         f"{compiled[0].compile_s:.1f} s, excluded")
+    return table
+
+
+def _records(rows: List[_Row], mode: str, args: argparse.Namespace, device: torch.device,
+             machine: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One JSON record per variant: enough to compare runs across machines and commits."""
+    records = []
+    for row in rows:
+        speedup, headroom = _speedup_and_headroom(row, rows)
+        reference = row.variant.name == "torchvision"
+        records.append({
+            "model": args.model, "mode": mode, "variant": row.variant.name,
+            "batch": args.batch, "size": args.size, "dtype": "float32", "device": device.type,
+            "memory_format": "channels_last" if args.channels_last else "contiguous",
+            "rounds": args.rounds, "warmup": args.warmup,
+            "median_s": row.timing.median, "min_s": row.timing.min, "iqr_s": row.timing.iqr,
+            "images_per_s": args.batch / row.timing.median, "speedup": speedup,
+            "headroom": headroom,
+            "rel_err": 0.0 if reference else (row.parity.output if row.parity else None),
+            "grad_rel_err": 0.0 if reference and mode == "train" else (
+                row.parity.max_grad if row.parity else None),
+            "saved_bytes": row.saved, "compile_s": row.compile_s,
+            "backend": row.variant.backend, "machine": machine,
+        })
+    return records
+
+
+def _validate_json_path(path: str) -> None:
+    """Refuses an impossible --json path before the run, not after minutes of measuring."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--json {path}: no such directory {folder}")
+
+
+def _write_json(path: str, records: List[Dict[str, Any]]) -> None:
+    try:
+        with open(path, "w") as f:
+            json.dump(records, f, indent=2)
+            f.write("\n")
+    except OSError as exc:
+        raise UsageError(f"--json {path}: {exc.strerror}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# check
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Errors:
+    """rel_err of one tensor: fused vs torchvision (both float32), and each of them vs a float64
+    torchvision, which tells numerical noise from a bug."""
+
+    vs_torchvision: float
+    torchvision_f64: float
+    fused_f64: float
+
+
+@dataclass
+class CheckResult:
+    """One line of the parity report: a kind of tensor, all of its instances by name."""
+
+    what: str
+    tol: float
+    errors: Dict[str, Errors]
+
+    @property
+    def ok(self) -> bool:
+        if self.max("vs_torchvision") <= self.tol:
+            return True
+        return self.max("fused_f64") <= F64_RATIO * self.max("torchvision_f64")
+
+    @property
+    def worst(self) -> str:
+        return max(self.errors, key=lambda k: self.errors[k].vs_torchvision)
+
+    def max(self, field: str) -> float:
+        return max(getattr(e, field) for e in self.errors.values())
+
+
+def _errors(fused: Optional[Tensor], tv: Optional[Tensor], tv64: Optional[Tensor]) -> Errors:
+    """The three rel_errs of one tensor; a missing tensor (gradient) is an infinite error."""
+    if fused is None or tv is None or tv64 is None:
+        return Errors(math.inf, 0.0, math.inf)
+    return Errors(bm.rel_err(fused, tv), bm.rel_err(tv, tv64), bm.rel_err(fused, tv64))
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device) -> Iterator[None]:
+    """Full-precision float32 convolutions and matmuls on a GPU for the duration (torch 2.14
+    defaults cuDNN convs to TF32, which cannot meet float32 tolerances); restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def run_check(name: str, batch: int, size: int, device: torch.device, steps: int = 2) -> tuple:
+    """Parity of ``swap_blocks`` against torchvision on one model: ``steps`` training steps
+    (outputs, input and every parameter gradient), the running statistics they leave, then the
+    eval-mode output that uses those statistics. A float64 torchvision runs alongside (see
+    :class:`Errors`). Returns the swap report (a model where no block was converted would pass
+    trivially) and the results."""
+    x, _ = _random_batch(batch, size, device)
+    tv = _reference_model(name, x)
+    models = (_fused_copy(tv), tv, copy.deepcopy(tv).double())  # the order of _errors' arguments
+    found: Dict[str, Dict[str, Errors]] = {"out": {}, "input": {}, "params": {}}
+    for step in range(1, steps + 1):
+        x, labels = _random_batch(batch, size, device)
+        x.requires_grad_(True)
+        runs = [bm.forward_backward(m, x.to(_dtype_of(m)), _ce_loss(labels)) for m in models]
+        found["out"][f"step {step}"] = _errors(*(out for out, _ in runs))
+        for i, grad_name in enumerate(bm.grad_names(tv, x)):
+            kind = "input" if grad_name == "input" else "params"
+            found[kind][f"step {step}: {grad_name}"] = _errors(*(grads[i] for _, grads in runs))
+    buffers = zip(*(m.named_buffers() for m in models))
+    stats = {named[0][0]: _errors(*(b for _, b in named)) for named in buffers}
+    x, _ = _random_batch(batch, size, device)
+    with torch.no_grad():
+        evals = [m.eval()(x.to(_dtype_of(m))) for m in models]
+    return models[0].resnet_fused_report, [
+        CheckResult("train output", TOL_OUT, found["out"]),
+        CheckResult("input gradient", TOL_GRAD, found["input"]),
+        CheckResult("parameter gradients", TOL_GRAD, found["params"]),
+        CheckResult("running statistics", TOL_STATS, stats),
+        CheckResult("eval output", TOL_OUT, {"after the train steps": _errors(*evals)}),
+    ]
+
+
+def _check(args: argparse.Namespace) -> int:
+    device = _resolve_device(args.device)
+    _validate_shape(args.batch, args.size, train=True)
+    with resnet_fused.use_backend(args.backend), _ieee_fp32(device):
+        backend = resnet_fused.backend_for(device, torch.float32)
+        swapped, results = run_check(args.model, args.batch, args.size, device)
+    title = (f"{args.model} fused vs torchvision: batch {args.batch}, {args.size}x{args.size}, "
+             f"float32, {device.type}, backend {backend}")
+    caption = (f"swap_blocks: {swapped}. A line passes within tolerance, or when the fused float32 "
+               f"error vs float64 is within {F64_RATIO}x torchvision's own.")
+    table = Table(title=title, title_justify="left", caption=caption)
+    for header in ("check", "fused vs torchvision", "tolerance", "torchvision f32 vs f64",
+                   "fused f32 vs f64", "worst", "result"):
+        left = header in ("check", "worst", "result")
+        table.add_column(header, justify="left" if left else "right")
+    for r in results:
+        table.add_row(f"{r.what} ({len(r.errors)})", f"{r.max('vs_torchvision'):.2e}",
+                      f"{r.tol:.0e}", f"{r.max('torchvision_f64'):.2e}", f"{r.max('fused_f64'):.2e}",
+                      r.worst, "[green]ok[/green]" if r.ok else "[red]FAIL[/red]")
+    _console().print(table)
+    return 0 if all(r.ok for r in results) else 1
+
+
+_COMMANDS = {"info": _info, "bench": _bench, "check": _check}
