@@ -70,17 +70,18 @@ def _sync(ref, fused, opt_r, opt_f):
 
 def run_parity(ref, fused, shape, *, steps=3, memory_format=None, dtype=torch.float32,
                tol_out=TOL_OUT, tol_grad=TOL_GRAD, tol_stats=TOL_STATS, expect_fused=True,
-               eval_phase=True):
+               eval_phase=True, make_input=None):
     """``steps`` SGD steps in training mode, then an eval-mode forward/backward; compares outputs,
     input gradient, every parameter gradient and every buffer (running statistics after the step's
     update) at every step; each step starts from the same state (:func:`_sync`)."""
     assert fused.fused_supported() is expect_fused
+    make_input = make_input or (lambda shape, dtype: torch.randn(shape, dtype=dtype))
     opt_r = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
     ref.train()
     fused.train()
     for step in range(steps):
-        x = _to_format(torch.randn(shape, dtype=dtype), memory_format)
+        x = _to_format(make_input(shape, dtype), memory_format)
         out_r, out_f, xr, xf = _forward_backward(ref, fused, x)
         what = f"step {step} ({_output_flips(out_f, out_r)} ReLU flips in the output): "
         assert _is_fused_output(out_f) is expect_fused
@@ -104,7 +105,7 @@ def run_parity(ref, fused, shape, *, steps=3, memory_format=None, dtype=torch.fl
     ref.eval()
     fused.eval()
     before = state_snapshot(fused)
-    x = _to_format(torch.randn(shape, dtype=dtype), memory_format)
+    x = _to_format(make_input(shape, dtype), memory_format)
     out_r, out_f, xr, xf = _forward_backward(ref, fused, x)
     what = f"eval ({_output_flips(out_f, out_r)} ReLU flips in the output): "
     assert _is_fused_output(out_f) is expect_fused
@@ -115,7 +116,7 @@ def run_parity(ref, fused, shape, *, steps=3, memory_format=None, dtype=torch.fl
     compare_grads(ref, fused, tol_grad, what)
     assert_state_unchanged(fused, before)  # eval mode never touches the running statistics
     with torch.no_grad():
-        x = _to_format(torch.randn(shape, dtype=dtype), memory_format)
+        x = _to_format(make_input(shape, dtype), memory_format)
         err = rel_err(fused(x), ref(x))
         assert err <= tol_out, f"eval, no_grad: output rel_err {err:.3g} > {tol_out}"
 
@@ -158,6 +159,27 @@ def test_training_parity(config, memory_format, backend):
         ref = ref.to(memory_format=CL)
         fused = fused.to(memory_format=CL)
     run_parity(ref, fused, shape, memory_format=memory_format)
+
+
+def _spiked_activations(shape, dtype, spike=10.0):
+    """Post-ReLU activations with one large activation per (sample, channel) at the first pixel
+    (about 17 standard deviations of relu(randn)): heavy tails are common in real activations."""
+    x = torch.relu(torch.randn(shape, dtype=dtype))
+    x[:, :, 0, 0] += spike
+    return x
+
+
+@pytest.mark.parametrize("memory_format", [None, CL], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("config", ["basic", "bottleneck", "bottleneck-ds-stride2"])
+def test_a_large_activation_does_not_cost_accuracy(config, memory_format, backend):
+    """Statistics must not lose accuracy when one value of a channel is far from its mean, wherever
+    it sits (DESIGN.md: no catastrophic cancellation). torchvision's CPU BatchNorm accumulates in
+    double and is unaffected."""
+    ref, fused, shape = _pair(config)
+    shape = (4, shape[1], 16, 16)
+    if memory_format is CL:
+        ref, fused = ref.to(memory_format=CL), fused.to(memory_format=CL)
+    run_parity(ref, fused, shape, memory_format=memory_format, make_input=_spiked_activations)
 
 
 def test_resnext_width_and_dilation_padding_are_torchvisions():
