@@ -412,6 +412,18 @@ def test_unsupported_configurations_run_torchvision_exactly(case, config, backen
         assert len(calls) == 2 * (3 + 2)  # both blocks, 3 steps + 2 eval forwards: the hook ran
 
 
+@pytest.mark.parametrize("config", ["basic", "bottleneck-ds-stride2"])
+def test_empty_batch_in_training_leaves_running_stats_like_torchvision(config, backend):
+    """torch's batch_norm returns an empty output and skips the running-statistics update for an
+    empty input (only num_batches_tracked moves); NaN statistics must not poison the model."""
+    ref, fused, shape = _pair(config)
+    x = torch.randn((0,) + shape[1:])
+    out_r, out_f = ref(x), fused(x)
+    assert out_f.shape == out_r.shape and out_f.numel() == 0
+    compare_buffers(ref, fused, 0.0)
+    assert all(torch.isfinite(b).all() for b in fused.buffers())
+
+
 # ------------------------------------------------------------------------------------------------
 # NaN propagation
 # ------------------------------------------------------------------------------------------------
