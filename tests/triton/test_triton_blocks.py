@@ -1,0 +1,137 @@
+"""The fused blocks on the Triton backend against torchvision's BasicBlock / Bottleneck.
+
+Same state_dict (copy.deepcopy + resnet_fused.swap_blocks, non-trivial BN affine parameters and
+running statistics), 2 SGD steps in training mode comparing outputs (<= 1e-5), input and every
+parameter gradient (<= 1e-4) and the running statistics (<= 1e-5) at each step, then eval-mode
+outputs and gradients. Shapes are small: the interpreter is slow.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import (DEVICE, TOL_GRAD, TOL_OUT, TOL_STATS, block_factory, compare_buffers,
+                      compare_grads, make_pair, rel_err)
+
+import resnet_fused
+
+CL = torch.channels_last
+
+CONFIGS = {
+    "basic": (dict(kind="basic", inplanes=8, planes=8), (2, 8, 5, 7)),
+    "basic-ds-stride2": (dict(kind="basic", inplanes=4, planes=8, stride=2, downsample=True), (2, 4, 7, 9)),
+    "basic-ds-batch1": (dict(kind="basic", inplanes=4, planes=8, stride=2, downsample=True), (1, 4, 7, 9)),
+    "bottleneck": (dict(kind="bottleneck", inplanes=16, planes=4), (2, 16, 5, 6)),
+    "bottleneck-ds-stride2": (dict(kind="bottleneck", inplanes=8, planes=4, stride=2, downsample=True),
+                              (2, 8, 7, 9)),
+}
+
+
+def _fused_output(out):
+    return out.grad_fn is not None and "BNAddReLU" in type(out.grad_fn).__name__
+
+
+def _fwd_bwd(ref, fused, x):
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fused(xf)
+    grad = torch.randn_like(out_r)
+    out_r.backward(grad)
+    out_f.backward(grad)
+    return out_r, out_f, xr, xf
+
+
+def _check(what, ref, fused, out_r, out_f, xr, xf, fmt):
+    assert _fused_output(out_f), f"{what}the fused path did not run"
+    if fmt is CL:
+        assert out_f.is_contiguous(memory_format=CL), f"{what}output is not channels_last"
+    err = rel_err(out_f, out_r)
+    assert err <= TOL_OUT, f"{what}output rel_err {err:.3g}"
+    err = rel_err(xf.grad, xr.grad)
+    assert err <= TOL_GRAD, f"{what}input grad rel_err {err:.3g}"
+    compare_grads(ref, fused, TOL_GRAD, what)
+
+
+@pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "cl"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_block_parity_on_triton(T, ieee_fp32, config, fmt):
+    kwargs, shape = CONFIGS[config]
+    ref, fused = make_pair(block_factory(**kwargs), how="swap")
+    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    if fmt is CL:
+        ref, fused = ref.to(memory_format=CL), fused.to(memory_format=CL)
+
+    def draw():
+        x = torch.randn(shape, device=DEVICE)
+        return x if fmt is None else x.contiguous(memory_format=CL)
+
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    with resnet_fused.use_backend("triton"):
+        assert resnet_fused.backend_for(DEVICE, torch.float32) == "triton"
+        ref.train()
+        fused.train()
+        for step in range(2):
+            what = f"step {step}: "
+            out_r, out_f, xr, xf = _fwd_bwd(ref, fused, draw())
+            _check(what, ref, fused, out_r, out_f, xr, xf, fmt)
+            for opt in (opt_r, opt_f):
+                opt.step()
+                opt.zero_grad()
+            compare_buffers(ref, fused, TOL_STATS, what)
+            # next step from the same state (see tests/test_blocks.py::_sync)
+            fused.load_state_dict(ref.state_dict())
+            opt_f.load_state_dict(opt_r.state_dict())
+        ref.eval()
+        fused.eval()
+        out_r, out_f, xr, xf = _fwd_bwd(ref, fused, draw())
+        _check("eval: ", ref, fused, out_r, out_f, xr, xf, fmt)
+        with torch.no_grad():
+            x = draw()
+            err = rel_err(fused(x), ref(x))
+            assert err <= TOL_OUT, f"eval, no_grad: output rel_err {err:.3g}"
+
+
+def test_blocks_really_call_the_triton_ops(T, monkeypatch):
+    """Guards the parity test: under use_backend('triton') the units call the Triton ops."""
+    from resnet_fused import ops
+
+    calls = []
+    real = ops._kernel
+
+    def spy(op, input):
+        k = real(op, input)
+        calls.append((op, getattr(k, "_qualified_op_name", getattr(k, "__name__", repr(k)))))
+        return k
+
+    monkeypatch.setattr(ops, "_kernel", spy)
+    kwargs, shape = CONFIGS["basic-ds-stride2"]
+    ref, fused = make_pair(block_factory(**kwargs), how="swap")
+    fused = fused.to(DEVICE).train()
+    with resnet_fused.use_backend("triton"):
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        fused(x).sum().backward()
+    names = {op for op, _ in calls}
+    assert names == {"bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply"}
+    assert all(k is not None and "resnet_fused_triton" in str(k) for _, k in calls), calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("config", ["basic-ds-stride2", "bottleneck-ds-stride2"])
+def test_block_reduced_precision_on_triton(T, config, dtype):
+    """bfloat16/float16 storage (float32 accumulation): outputs <= 1e-2 against torchvision's own
+    blocks in that dtype, in training and in eval mode."""
+    from conftest import TOL_BF16_OUT
+
+    kwargs, shape = CONFIGS[config]
+    ref, fused = make_pair(block_factory(**kwargs), how="swap")
+    ref, fused = ref.to("cuda", dtype), fused.to("cuda", dtype)
+    with resnet_fused.use_backend("triton"):
+        for train in (True, False):
+            ref.train(train)
+            fused.train(train)
+            x = torch.randn(shape, device="cuda", dtype=dtype)
+            out_r, out_f, _, _ = _fwd_bwd(ref, fused, x)
+            assert _fused_output(out_f) and out_f.dtype == dtype
+            err = rel_err(out_f, out_r)
+            assert err <= TOL_BF16_OUT, f"train={train}: output rel_err {err:.3g}"
