@@ -33,6 +33,9 @@ class BackendError(RuntimeError):
     """A backend was asked for that cannot run here (device, dtype, or not built)."""
 
 
+# Evaluated eagerly when torch.compile traces a call (the import inside must not be traced): the
+# backend is resolved at trace time, as documented.
+@torch._dynamo.assume_constant_result
 def _triton_kernels_available() -> bool:
     if _extension.triton_version() is None:
         return False

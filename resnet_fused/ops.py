@@ -70,9 +70,9 @@ def _kernel(op: str, input: Tensor) -> Callable:
     if backend in ("cpu", "cuda"):
         return getattr(torch.ops.resnet_fused, op)
     if backend == "triton":
-        from . import triton_kernels  # lazily: TRITON_INTERPRET is read at import
-
-        return triton_kernels.op(op)
+        # backend_for() has loaded and registered the Triton ops (lazily: TRITON_INTERPRET is read
+        # when they are imported); plain torch.ops access keeps this traceable by torch.compile.
+        return getattr(torch.ops.resnet_fused_triton, op)
     raise AssertionError(f"unhandled backend {backend!r}")
 
 

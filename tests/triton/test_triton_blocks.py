@@ -115,6 +115,22 @@ def test_blocks_really_call_the_triton_ops(T, monkeypatch):
     assert all(k is not None and "resnet_fused_triton" in str(k) for _, k in calls), calls
 
 
+def test_fused_block_compiles_without_graph_breaks_on_triton(T):
+    """The backend is resolved at trace time; the Triton ops trace without graph breaks."""
+    kwargs, shape = CONFIGS["basic-ds-stride2"]
+    _, fused = make_pair(block_factory(**kwargs), how="swap")
+    fused = fused.to(DEVICE).train()
+    x = torch.randn(shape, device=DEVICE)
+    with resnet_fused.use_backend("triton"):
+        assert torch._dynamo.explain(fused)(x).graph_break_count == 0
+        compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_c, out_e = compiled(xc), fused(xe)
+        out_c.sum().backward()
+        out_e.sum().backward()
+    assert rel_err(out_c, out_e) <= TOL_OUT and rel_err(xc.grad, xe.grad) <= TOL_GRAD
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config", ["basic-ds-stride2", "bottleneck-ds-stride2"])
