@@ -33,6 +33,33 @@ class SwapReport:
                 f"left {len(self.left)}" + (f" ({', '.join(self.left)})" if self.left else ""))
 
 
+# One generated fused class per converted subclass (so isinstance and pickling stay stable).
+_GENERATED: dict = {}
+
+
+def _new_generated(plain_cls: type) -> nn.Module:
+    """Unpickling helper: an empty instance of the generated fused class of ``plain_cls``."""
+    return nn.Module.__new__(_generated_fused_class(plain_cls))
+
+
+def _reduce_generated(self, protocol):
+    # The generated class cannot be found by name at unpickling time; rebuild it from the
+    # user's own (importable) subclass instead. nn.Module.__setstate__ restores the state.
+    return (_new_generated, (type(self)._resnet_fused_plain,), self.__dict__.copy())
+
+
+def _generated_fused_class(plain_cls: type) -> type:
+    """``Fused<Sub>``: the fused forward on top of a subclass of a torchvision block."""
+    cls = _GENERATED.get(plain_cls)
+    if cls is None:
+        fused_base = FusedBasicBlock if issubclass(plain_cls, BasicBlock) else FusedBottleneck
+        cls = type(f"Fused{plain_cls.__name__}", (fused_base, plain_cls),
+                   {"_resnet_fused_plain": plain_cls, "__reduce_ex__": _reduce_generated,
+                    "__module__": __name__})
+        _GENERATED[plain_cls] = cls
+    return cls
+
+
 def _target_class(module: nn.Module, table) -> type:
     """The class to convert ``module`` to, or None. A subclass of a torchvision block is converted
     only when it does not override ``forward`` (e.g. QuantizableBasicBlock does: it is left)."""
@@ -42,7 +69,7 @@ def _target_class(module: nn.Module, table) -> type:
                 if type(module) is base:
                     return target
                 # a subclass without its own forward: keep its extra behaviour, add the fused forward
-                return type(f"Fused{type(module).__name__}", (target, type(module)), {})
+                return _generated_fused_class(type(module))
             return None
     return None
 
@@ -73,15 +100,11 @@ def unswap_blocks(model: nn.Module) -> nn.Module:
     """The reverse of :func:`swap_blocks` (for export or debugging), in place; returns ``model``."""
     report = SwapReport()
     for name, module in model.named_modules():
-        for fused, plain in _PLAIN_FOR.items():
-            if type(module) is fused:
-                module.__class__ = plain
-                report.converted.append(name)
-                break
-            if isinstance(module, fused):  # a generated Fused<Subclass>: restore the subclass
-                module.__class__ = type(module).__mro__[2]
-                report.converted.append(name)
-                break
+        # a generated Fused<Subclass> goes back to the user's subclass, a fused block to torchvision's
+        plain = getattr(type(module), "_resnet_fused_plain", None) or _PLAIN_FOR.get(type(module))
+        if plain is not None:
+            module.__class__ = plain
+            report.converted.append(name)
     _attach(model, report, "unswap_blocks")
     return model
 

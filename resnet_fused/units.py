@@ -65,6 +65,8 @@ def update_running_stats(states: Sequence[BNState]) -> None:
                 continue
             bn = s.module
             bn.num_batches_tracked.add_(1)
+            if s.count == 0:  # an empty batch: torch counts it but leaves the statistics alone
+                continue
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
             unbiased = s.var * (s.count / (s.count - 1))
             bn.running_mean.mul_(1 - factor).add_(s.mean.to(bn.running_mean.dtype), alpha=factor)
