@@ -15,16 +15,33 @@ installed one.
 * ``TORCH_CUDA_ARCH_LIST`` is honoured; when unset and no GPU is visible it defaults to one
   architecture plus PTX (``RESNET_FUSED_DEFAULT_ARCH``, "9.0+PTX"), which the driver JIT-compiles for
   newer GPUs. torch.utils.cpp_extension raises an IndexError with no GPU and no arch list.
-* CPU kernels are compiled once, with ``-O3`` and no ``-march=native`` (per-capability variants are a
-  later issue). ``RESNET_FUSED_DEBUG=1`` keeps debug info (``-g``) in the C++ objects.
+* CPU kernels (``csrc/cpu/bn_kernels_impl.h``) are compiled once per CPU capability, as ATen compiles
+  its ``native/cpu`` kernels: each wrapper ``csrc/cpu/capability/bn_kernels_<CAP>.cpp`` gets
+  ``-DCPU_CAPABILITY=<CAP> -DCPU_CAPABILITY_<CAP>`` and that capability's ISA flags (DEFAULT: none;
+  AVX2: ``-mavx2 -mfma -mf16c``; AVX512: ``-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma``), so
+  ``at::vec::Vectorized`` has that width; the rest of the extension gets no ISA flag and never
+  ``-march=native``. At run time the kernels of the capability torch runs
+  (``torch.backends.cpu.get_cpu_capability()``, lowered by ``ATEN_CPU_CAPABILITY``) are used;
+  ``resnet_fused._C.build_info()`` reports ``cpu_capability_used`` and ``cpu_capabilities_compiled``.
+  AVX2/AVX512 are compiled on x86-64 only; ``RESNET_FUSED_CPU_CAPABILITIES=DEFAULT,AVX2`` (say)
+  restricts the list. torch.utils.cpp_extension has no per-source flags, so ``build_ext`` below
+  compiles each flag group with its own ninja file (the groups run concurrently) and links the
+  objects in one library, plain objects first (their copies of shared inline functions win).
+* C++ sources are compiled with ``-O3 -fopenmp``: at::parallel_for is an inline template that only
+  runs in parallel when the including file is compiled with OpenMP (libgomp comes from torch/lib).
+  ``RESNET_FUSED_DEBUG=1`` keeps debug info (``-g``) in the C++ objects.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import glob
 import os
+import platform
 import re
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import setup
 
@@ -136,38 +153,147 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+# CPU capabilities of the kernels, as ATen builds its own (cmake/Codegen.cmake): DEFAULT has no ISA
+# flag; the others only run where torch itself reports that capability (AVX2: avx2 + fma, which
+# every such CPU pairs with f16c; AVX512: avx512 f/bw/vl/dq + fma).
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+# GCC's generic tuning splits unaligned 256-bit loads and stores in two; ATen turns that off too.
+GCC_AVX2_TUNING = ["-mno-avx256-split-unaligned-load", "-mno-avx256-split-unaligned-store"]
+
+
+def _cpu_capabilities() -> list[str]:
+    machine = platform.machine().lower()
+    caps = ["DEFAULT"]
+    if machine in ("x86_64", "amd64", "x64"):
+        caps += ["AVX2", "AVX512"]
+    wanted = os.environ.get("RESNET_FUSED_CPU_CAPABILITIES", "").strip()
+    if wanted:
+        names = {w.strip().upper() for w in wanted.split(",") if w.strip()}
+        unknown = names - set(CPU_CAPABILITY_FLAGS)
+        if unknown:
+            raise RuntimeError(f"RESNET_FUSED_CPU_CAPABILITIES: unknown {sorted(unknown)}; "
+                               f"known: {list(CPU_CAPABILITY_FLAGS)}")
+        caps = [c for c in caps if c in names or c == "DEFAULT"]
+    return caps
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_is_gcc() -> bool:
+    try:
+        return bool(cpp_ext.check_compiler_is_gcc(cpp_ext.get_cxx_compiler()))
+    except Exception:  # noqa: BLE001 - a probe only: without it the tuning flags are left out
+        return False
+
+
 def make_extension():
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    caps = _cpu_capabilities()
+    _log(f"CPU kernels for capabilities {caps}")
+    # Flags of single sources, on top of the common ones (BuildExtPerSourceFlags applies them).
+    source_flags = {}
+    for cap in caps:
+        src = os.path.join("csrc", "cpu", "capability", f"bn_kernels_{cap}.cpp")
+        flags = [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] + CPU_CAPABILITY_FLAGS[cap]
+        if _compiler_is_gcc():
+            # GCC 12 reports its own AVX-512 intrinsics (_mm512_undefined_*) as maybe-uninitialized.
+            flags += ["-Wno-maybe-uninitialized"] + (GCC_AVX2_TUNING if cap == "AVX2" else [])
+        sources.append(src)
+        source_flags[src] = flags
     defines = [f'-DRESNET_FUSED_TORCH_VERSION="{torch.__version__}"']
+    defines += [f"-DRESNET_FUSED_CPU_{cap}" for cap in caps if cap != "DEFAULT"]
     # No -march=native: the binary must run on any x86-64. No -std flag: torch.utils.cpp_extension
     # adds the standard torch needs (C++20 for torch 2.14). -g0 overrides the -g that Python's own
     # CFLAGS add: it cuts the C++ compile time by about a third and the .so from ~9 MB to ~1 MB
-    # (RESNET_FUSED_DEBUG=1 keeps debug info).
-    cxx = ["-O3"] + ([] if _env_flag("RESNET_FUSED_DEBUG") else ["-g0"]) + defines
+    # (RESNET_FUSED_DEBUG=1 keeps debug info). -fopenmp: at::parallel_for is serial without it.
+    # -Wno-unknown-pragmas: the at::vec headers carry clang/`unroll` pragmas that GCC reports under -Wall.
+    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"] + ([] if _env_flag("RESNET_FUSED_DEBUG") else ["-g0"]) + defines
     extra_compile_args = {"cxx": cxx}
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     # rpath to torch's libraries so `import resnet_fused._C` works even before `import torch`
     # ($ORIGIN/../torch/lib for an installed wheel, the absolute build-time path for editable installs).
-    extra_link_args = ["-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
+    # -fopenmp links libgomp.so.1, which resolves to the copy torch loads from torch/lib.
+    extra_link_args = ["-fopenmp", "-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if WITH_CUDA:
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         cxx.append("-DRESNET_FUSED_WITH_CUDA")
         extra_compile_args["nvcc"] = ["-O3", "-DRESNET_FUSED_WITH_CUDA"] + defines
-        return CUDAExtension(
+        ext = CUDAExtension(
             "resnet_fused._C",
             sources,
             include_dirs=include_dirs,
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,
         )
-    return CppExtension(
-        "resnet_fused._C",
-        sources,
-        include_dirs=include_dirs,
-        extra_compile_args=extra_compile_args,
-        extra_link_args=extra_link_args,
-    )
+    else:
+        ext = CppExtension(
+            "resnet_fused._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
+        )
+    ext.source_flags = source_flags
+    # Headers the ninja depfiles cannot know before a first build (setuptools' up-to-date check).
+    ext.depends = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True))
+    return ext
+
+
+class BuildExtPerSourceFlags(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension plus per-source compiler flags (``ext.source_flags``).
+
+    torch.utils.cpp_extension compiles all of an extension's sources with one set of flags. Here the
+    compile step is split: sources with the same extra flags form a group, each group is compiled
+    by torch's own (ninja) compile with its flags appended, into its own build folder (its own
+    build.ninja), the groups concurrently; the objects are linked together as usual, those compiled
+    without ISA flags first.
+    """
+
+    def build_extension(self, ext):
+        source_flags = getattr(ext, "source_flags", None)
+        if not source_flags:
+            return super().build_extension(ext)
+        compile_all = self.compiler.compile
+
+        def compile_grouped(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
+                            extra_preargs=None, extra_postargs=None, depends=None):
+            groups = {(): []}
+            for src in sources:
+                key = tuple(source_flags.get(os.path.relpath(os.path.abspath(src), ROOT), ()))
+                groups.setdefault(key, []).append(src)
+
+            def run(index, flags, srcs):
+                post = copy.deepcopy(extra_postargs)
+                out = output_dir
+                if flags:
+                    if isinstance(post, dict):
+                        post["cxx"] = list(post.get("cxx", [])) + list(flags)
+                    else:
+                        post = list(post or []) + list(flags)
+                    name = os.path.splitext(os.path.basename(srcs[0]))[0] if len(srcs) == 1 else f"group_{index}"
+                    out = os.path.join(output_dir, "flags_" + name)
+                return compile_all(srcs, output_dir=out, macros=macros, include_dirs=include_dirs,
+                                   debug=debug, extra_preargs=extra_preargs, extra_postargs=post,
+                                   depends=depends)
+
+            # Objects without ISA flags first: where several objects define the same inline function
+            # (a template instantiation the compiler kept out of line), the linker keeps the first
+            # definition, which must run on any CPU.
+            jobs = [(i, flags, srcs) for i, (flags, srcs) in enumerate(groups.items()) if srcs]
+            jobs.sort(key=lambda job: any(f.startswith("-m") for f in job[1]))
+            with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+                futures = [pool.submit(run, *job) for job in jobs]
+                return [obj for fut in futures for obj in fut.result()]
+
+        self.compiler.compile = compile_grouped
+        try:
+            return super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_all
 
 
 setup(
@@ -183,6 +309,6 @@ setup(
     packages=["resnet_fused", "resnet_fused.triton_kernels"],
     package_dir={"resnet_fused": "resnet_fused", "resnet_fused.triton_kernels": "triton_kernels"},
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtPerSourceFlags},
     zip_safe=False,
 )

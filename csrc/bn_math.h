@@ -10,17 +10,31 @@
 namespace resnet_fused {
 namespace math {
 
-// ReLU exactly as torch: `v < 0 -> 0`, so NaN passes through.
+// The two selections of the formulas below, for scalar `T`. A SIMD backend specializes `Select`
+// for its vector type (csrc/cpu/bn_kernels_impl.h does for at::vec::Vectorized: a compare and a
+// blend per lane, the same predicates); everything else here is plain arithmetic (+ - *), which
+// vector types provide, so one formula serves scalar, SIMD and CUDA code.
+template <typename T>
+struct Select {
+  // ReLU exactly as torch: `v < 0 -> 0`, so NaN passes through.
+  C10_HOST_DEVICE static inline T relu(T v) {
+    return v < T(0) ? T(0) : v;
+  }
+  // ReLU backward (threshold_backward semantics): the gradient is masked where the forward output
+  // is <= 0, so a NaN output passes the gradient.
+  C10_HOST_DEVICE static inline T relu_backward_mask(T grad, T output) {
+    return output <= T(0) ? T(0) : grad;
+  }
+};
+
 template <typename T>
 C10_HOST_DEVICE inline T relu(T v) {
-  return v < T(0) ? T(0) : v;
+  return Select<T>::relu(v);
 }
 
-// ReLU backward (threshold_backward semantics): the gradient is masked where the forward output is
-// <= 0, so a NaN output passes the gradient.
 template <typename T>
 C10_HOST_DEVICE inline T relu_backward_mask(T grad, T output) {
-  return output <= T(0) ? T(0) : grad;
+  return Select<T>::relu_backward_mask(grad, output);
 }
 
 // Gradient after the optional ReLU mask.
@@ -110,16 +124,23 @@ C10_HOST_DEVICE inline StatsPartial<T> stats_from_shifted_sums(T n, T shift, T s
   return p;
 }
 
+// Chan's merge of partial b into partial a, given the weights wb = n_b / (n_a + n_b) and
+// na_wb = n_a * wb (branch-free: for SIMD code that merges many channels whose partials share their
+// counts; both counts must be > 0).
+template <typename T>
+C10_HOST_DEVICE inline void stats_merge_weighted(T& mean_a, T& m2_a, T mean_b, T m2_b, T wb, T na_wb) {
+  const T delta = mean_b - mean_a;
+  mean_a = mean_a + delta * wb;
+  m2_a = m2_a + m2_b + delta * delta * na_wb;
+}
+
 template <typename T>
 C10_HOST_DEVICE inline StatsPartial<T> stats_merge(const StatsPartial<T>& a, const StatsPartial<T>& b) {
   if (b.n == T(0)) return a;
   if (a.n == T(0)) return b;
-  StatsPartial<T> r;
-  r.n = a.n + b.n;
-  const T delta = b.mean - a.mean;
+  StatsPartial<T> r{a.n + b.n, a.mean, a.m2};
   const T wb = b.n / r.n;
-  r.mean = a.mean + delta * wb;
-  r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
+  stats_merge_weighted(r.mean, r.m2, b.mean, b.m2, wb, a.n * wb);
   return r;
 }
 

@@ -10,7 +10,10 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
+
+#include "cpu/bn_kernels.h"
 
 #ifndef RESNET_FUSED_TORCH_VERSION
 #define RESNET_FUSED_TORCH_VERSION "unknown"
@@ -53,7 +56,18 @@ pybind11::dict build_info() {
 #endif
   // CUDA kernels registered for the ops' CUDA dispatch key (a later issue): none yet.
   info["cuda_ops"] = false;
-  info["cpu_kernels"] = std::string("scalar loops + at::parallel_for");
+  // CPU kernels: compiled once per CPU capability; the one torch itself runs is used.
+  const std::string compiled = resnet_fused::cpu::compiled_capabilities();
+  pybind11::list caps;
+  for (size_t begin = 0; begin <= compiled.size();) {
+    const size_t end = std::min(compiled.find(',', begin), compiled.size());
+    caps.append(compiled.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  const std::string used = resnet_fused::cpu::kernels().capability;
+  info["cpu_capabilities_compiled"] = caps;
+  info["cpu_capability_used"] = used;
+  info["cpu_kernels"] = "at::vec (" + used + ") + at::parallel_for";
   return info;
 }
 
@@ -65,5 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::module_::import("torch");
   m.doc() = "resnet_fused compiled ops: importing this module registers torch.ops.resnet_fused.*";
   m.def("build_info", &build_info,
-        "What was compiled: built_with_torch, cuda (CUDA sources compiled in), cuda_version, cpu_kernels");
+        "What was compiled: built_with_torch, cuda (CUDA sources compiled in), cuda_version, cuda_ops, "
+        "cpu_kernels, cpu_capabilities_compiled (e.g. ['DEFAULT', 'AVX2', 'AVX512']), cpu_capability_used "
+        "(the one torch.backends.cpu.get_cpu_capability() names, or the best compiled one below it)");
 }

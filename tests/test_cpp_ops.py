@@ -17,17 +17,25 @@ OPS = torch.ops.resnet_fused
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
-# Odd sizes, batch 1, rank 2/3/5, and shapes that span several reduction chunks in both layouts
-# (NCHW: S >= 2048 split in pieces, S < 2048 grouping planes; channels last: > 256 rows, > 64 channels).
+# Odd sizes, batch 1, rank 2/3/5, one element per (n, c), and shapes that span several reduction
+# chunks (csrc/cpu/bn_kernels_impl.h, Plan) in both layouts: NCHW planes over 16384 elements cut in
+# pieces, short planes grouped by about 4096 elements (more than one group); channels last: more
+# than 1024 rows at C=64, more than 256 channels (two channel blocks), channel counts that are not
+# whole vectors (tails).
 SHAPES = [
     (3, 5, 7, 9),
     (1, 4, 6, 6),
     (2, 3),
     (2, 3, 5),
     (2, 3, 4, 5, 3),
+    (5, 40, 1, 1),
     (2, 3, 50, 47),
     (40, 6, 7, 9),
+    (80, 3, 7, 9),
+    (2, 3, 130, 131),
     (3, 70, 11, 13),
+    (4, 64, 20, 20),
+    (2, 300, 3, 5),
 ]
 
 
@@ -85,6 +93,71 @@ def test_build_info():
     assert info["cuda_version"] is None or isinstance(info["cuda_version"], str)
     assert (info["cuda_version"] is not None) == info["cuda"]
     assert isinstance(info["cpu_kernels"], str) and info["cpu_kernels"]
+
+
+def test_build_info_reports_the_cpu_capability():
+    """Kernels are compiled per CPU capability; the one used is torch's own choice (or the best
+    compiled one below it)."""
+    info = _C.build_info()
+    compiled, used = info["cpu_capabilities_compiled"], info["cpu_capability_used"]
+    assert compiled[0] == "DEFAULT" and set(compiled) <= {"DEFAULT", "AVX2", "AVX512"}
+    assert used in compiled
+    torch_cap = torch.backends.cpu.get_cpu_capability()
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    if torch_cap in order:
+        assert used == max((c for c in compiled if order.index(c) <= order.index(torch_cap)), key=order.index)
+    assert used in info["cpu_kernels"]
+
+
+_CAPABILITY_CHECK = r"""
+import torch, resnet_fused._C as C
+from resnet_fused import reference
+OPS = torch.ops.resnet_fused
+info = C.build_info()
+assert info["cpu_capability_used"] == "{cap}", info
+def err(a, r):
+    return ((a.double() - r.double()).norm() / r.double().norm()).item()
+g = torch.Generator().manual_seed(0)
+for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)]:
+    for shape, cl in [((3, 70, 11, 13), False), ((3, 70, 11, 13), True), ((2, 3, 130, 131), False),
+                      ((4, 64, 20, 20), True), ((2, 300, 3, 5), True), ((64, 33), False)]:
+        mk = lambda: torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).contiguous(
+            memory_format=torch.channels_last if cl else torch.contiguous_format)
+        x, r, dy, o = mk() + 0.5, mk(), mk(), mk()
+        c = shape[1]
+        v = [torch.rand(c, generator=g) + 0.5 for _ in range(6)]
+        m = torch.randn(c, generator=g).to(reference.opmath_dtype(dtype))
+        pairs = list(zip(OPS.bn_stats(x), reference.bn_stats(x)))
+        pairs.append((OPS.bn_apply(x, v[0], v[1], r, v[2], v[3], True),
+                      reference.bn_apply(x, v[0], v[1], r, v[2], v[3], True)))
+        pairs += list(zip(OPS.bn_backward_reduce(dy, x, o, m, True), reference.bn_backward_reduce(dy, x, o, m, True)))
+        pairs.append((OPS.bn_backward_apply(dy, x, o, m, v[0], v[1], v[2], v[3], True),
+                      reference.bn_backward_apply(dy, x, o, m, v[0], v[1], v[2], v[3], True)))
+        for i, (a, b) in enumerate(pairs):
+            assert a.dtype == b.dtype and a.stride() == b.stride(), (dtype, shape, cl, i)
+            assert err(a, b) <= tol, (dtype, shape, cl, i, err(a, b))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("cap", ["DEFAULT", "AVX2", "AVX512"])
+def test_every_compiled_capability_matches_the_reference(cap):
+    """Each compiled variant, forced through ATEN_CPU_CAPABILITY (which lowers torch's choice and so
+    ours), in a fresh process: every op, dtype and layout against the reference."""
+    import os
+    import subprocess
+    import sys
+
+    if cap not in _C.build_info()["cpu_capabilities_compiled"]:
+        pytest.skip(f"{cap} kernels not compiled on this platform")
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    if order.index(cap) > order.index(torch.backends.cpu.get_cpu_capability()
+                                      if torch.backends.cpu.get_cpu_capability() in order else "DEFAULT"):
+        pytest.skip(f"this CPU does not run {cap}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap.lower())
+    done = subprocess.run([sys.executable, "-c", _CAPABILITY_CHECK.replace("{cap}", cap)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_triton_kernels_package_mapping(tmp_path):
@@ -238,6 +311,27 @@ def test_operands_in_another_layout_than_input(input_cl):
     check_close(dx, reference.bn_backward_apply(other[1], x, other[2], mean, invstd, scale, shift, mean, True),
                 torch.float32)
     assert dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("shape", [(6, 40, 1, 1), (6, 40)], ids=["Nx40x1x1", "Nx40"])
+def test_one_element_per_channel_any_dense_layout(shape):
+    """S == 1: NCHW and channels-last strides address (n, c) alike; no operand is copied and the
+    results match the reference whichever strides each operand has."""
+    g = gen(13)
+    c = shape[1]
+    x = rand(shape, g, torch.float32, channels_last=True)
+    res = rand(shape, g, torch.float32, channels_last=False)
+    grad, out = rand(shape, g, torch.float32, True), rand(shape, g, torch.float32, False)
+    scale, shift, mean, invstd = vec(c, g), vec(c, g), vec(c, g), vec(c, g, 0.5, 2.0)
+    check_close(OPS.bn_apply(x, scale, shift, res, scale, shift, True),
+                reference.bn_apply(x, scale, shift, res, scale, shift, True), torch.float32)
+    for ours, ref in zip(OPS.bn_backward_reduce(grad, x, out, mean, True),
+                         reference.bn_backward_reduce(grad, x, out, mean, True)):
+        check_close(ours, ref, torch.float32)
+    check_close(OPS.bn_backward_apply(grad, x, out, mean, invstd, scale, shift, mean, True),
+                reference.bn_backward_apply(grad, x, out, mean, invstd, scale, shift, mean, True), torch.float32)
+    for ours, ref in zip(OPS.bn_stats(x), reference.bn_stats(x)):
+        check_close(ours, ref, torch.float32)
 
 
 def test_empty_batch():

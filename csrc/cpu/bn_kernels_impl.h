@@ -1,0 +1,712 @@
+// CPU kernels of the resnet_fused ops: raw-pointer loops, vectorized with at::vec::Vectorized and
+// parallelized with at::parallel_for. Validation, layouts and outputs are bn_cpu.cpp's job; the
+// interface is csrc/cpu/bn_kernels.h; the spec is resnet_fused/reference.py; the per-element
+// formulas are csrc/bn_math.h (shared with the CUDA kernels).
+//
+// This file is the kernel SOURCE, compiled once per CPU capability (DEFAULT, AVX2, AVX512) through
+// the wrappers csrc/cpu/capability/bn_kernels_<CAP>.cpp, which setup.py compiles with
+// -DCPU_CAPABILITY=<CAP> -DCPU_CAPABILITY_<CAP> and the capability's ISA flags (as ATen compiles its
+// native/cpu kernels). at::vec::Vectorized then has that capability's width, and everything here
+// lives in resnet_fused::cpu::<CAP> (functions in an anonymous namespace: no symbol is shared
+// between the three objects except the kernel table).
+//
+// Memory passes (each primitive reads its operands once and writes its output once):
+//   bn_stats            read input
+//   bn_apply            read input (+ residual), write out
+//   bn_backward_reduce  read grad_out, input (+ output when relu)
+//   bn_backward_apply   read grad_out (+ input in training form) (+ output when relu), write grad_in
+// Layouts, without copies: NCHW ([N, C, S]): vector loops along each (n, c) plane with per-channel
+// scalars broadcast; channels last ([M, C]): vector loops along the channels of each row with
+// per-channel vectors (padded copies of the coefficients; per-chunk per-channel accumulators in L1).
+// float32/float16/bfloat16 compute in float (16-bit types are converted to two float vectors),
+// float64 in double. All indexing is int64.
+//
+// Reductions are deterministic whatever the thread count: the work is cut into chunks that depend
+// only on the shape (Plan), each chunk is reduced by one thread in a fixed order
+// (vector lanes, then the lanes summed in order, then a scalar tail), the chunk partials go to a
+// [chunks, C] buffer in double, and each channel's partials are merged in chunk order. Statistics
+// use sums shifted by a sample of the chunk (no catastrophic cancellation for inputs whose mean is
+// large compared with their spread) turned into (mean, M2) partials and merged with Chan's formula.
+// Results may differ in the last bits between capabilities (vector widths, FMA), not between runs.
+
+#ifndef CPU_CAPABILITY
+#error "bn_kernels_impl.h is compiled by the wrappers in csrc/cpu/capability/ with -DCPU_CAPABILITY=..."
+#endif
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <type_traits>
+
+#include "bn_math.h"
+#include "cpu/bn_kernels.h"
+
+// The selections of bn_math.h (ReLU, ReLU-backward mask) for SIMD vectors: the same predicates,
+// lane by lane (a compare, then a blend), so NaN behaves as in the scalar formula.
+namespace resnet_fused {
+namespace math {
+template <typename T>
+struct Select<at::vec::Vectorized<T>> {
+  using V = at::vec::Vectorized<T>;
+  static inline V relu(const V& v) {
+    const V zero(T(0));
+    return V::blendv(v, zero, v < zero);
+  }
+  static inline V relu_backward_mask(const V& grad, const V& output) {
+    const V zero(T(0));
+    return V::blendv(grad, zero, output <= zero);
+  }
+};
+}  // namespace math
+}  // namespace resnet_fused
+
+namespace resnet_fused {
+namespace cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+namespace rm = ::resnet_fused::math;
+
+#define RESNET_FUSED_CAP_STR2(x) #x
+#define RESNET_FUSED_CAP_STR(x) RESNET_FUSED_CAP_STR2(x)
+
+constexpr int64_t kGrain = 32768;  // elements below which work stays serial (ATen's GRAIN_SIZE)
+
+// f(scalar_t{}) for the storage dtype (bn_cpu.cpp has checked it is one of these four). Not
+// AT_DISPATCH: its error path would put out-of-line c10 functions compiled with this capability's
+// ISA flags into the object, where the linker could pick them for code of another capability.
+template <typename F>
+void dispatch_dtype(c10::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      f(float{});
+      break;
+    case c10::ScalarType::Double:
+      f(double{});
+      break;
+    case c10::ScalarType::BFloat16:
+      f(c10::BFloat16{});
+      break;
+    case c10::ScalarType::Half:
+      f(c10::Half{});
+      break;
+    default:
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// loads and stores in the accumulation type
+// ---------------------------------------------------------------------------------------------
+// One "step" is kStep consecutive elements of a scalar_t stream, held as kN vectors of acc_t:
+// float/double: one vector; bfloat16/half: one 16-bit vector converted to two float vectors.
+template <typename scalar_t, typename = void>
+struct Vio {
+  using acc_t = scalar_t;
+  using AVec = Vectorized<acc_t>;
+  static constexpr int kN = 1;
+  static constexpr int64_t kStep = AVec::size();
+  static inline void load(const scalar_t* p, AVec* v) {
+    v[0] = AVec::loadu(p);
+  }
+  static inline void load(const scalar_t* p, int64_t n, AVec* v) {
+    v[0] = AVec::loadu(p, n);
+  }
+  static inline void store(scalar_t* p, const AVec* v) {
+    v[0].store(p);
+  }
+  static inline void store(scalar_t* p, int64_t n, const AVec* v) {
+    v[0].store(p, static_cast<int>(n));
+  }
+};
+
+template <typename scalar_t>
+struct Vio<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scalar_t>>> {
+  using acc_t = float;
+  using AVec = Vectorized<float>;
+  using SVec = Vectorized<scalar_t>;
+  static constexpr int kN = 2;
+  static constexpr int64_t kStep = SVec::size();
+  static_assert(kStep == 2 * AVec::size(), "a 16-bit vector converts to two float vectors");
+  static inline void load(const scalar_t* p, AVec* v) {
+    auto [a, b] = at::vec::convert_to_float<scalar_t>(SVec::loadu(p));
+    v[0] = a;
+    v[1] = b;
+  }
+  static inline void load(const scalar_t* p, int64_t n, AVec* v) {
+    auto [a, b] = at::vec::convert_to_float<scalar_t>(SVec::loadu(p, static_cast<int16_t>(n)));
+    v[0] = a;
+    v[1] = b;
+  }
+  static inline void store(scalar_t* p, const AVec* v) {
+    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+  }
+  static inline void store(scalar_t* p, int64_t n, const AVec* v) {
+    at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, static_cast<int>(n));
+  }
+};
+
+// Channels last: per-channel coefficient vectors padded with zeros to a whole number of steps, so
+// that every per-channel load is a full aligned-or-not vector load. One small allocation per call.
+template <typename acc_t>
+struct Padded {
+  std::unique_ptr<acc_t[]> data;
+  int64_t stride = 0;
+  Padded(const acc_t* const* src, int count, int64_t C, int64_t step) {
+    stride = (C + step - 1) / step * step;
+    data.reset(new acc_t[static_cast<size_t>(stride * std::max(count, 1))]);
+    for (int k = 0; k < count; ++k) {
+      acc_t* d = data.get() + k * stride;
+      std::copy(src[k], src[k] + C, d);
+      std::fill(d + C, d + stride, acc_t(0));
+    }
+  }
+  const acc_t* operator[](int k) const {
+    return data.get() + k * stride;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// elementwise skeleton: out[i] = op(in_0[i], ..., coef_0[c], ...) for every element
+// ---------------------------------------------------------------------------------------------
+// `op(const AVec* xs, const AVec* cs) -> AVec` combines NIn input vectors and NCoef per-channel
+// coefficient vectors (the formulas of bn_math.h). Tails use partial loads and stores.
+template <int NIn, int NCoef, typename scalar_t, typename Op>
+void elementwise(const Geometry& geo, const std::array<const scalar_t*, NIn>& in, scalar_t* out,
+                 const std::array<const typename Vio<scalar_t>::acc_t*, NCoef>& coef, const Op& op) {
+  using IO = Vio<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using AVec = typename IO::AVec;
+  constexpr int kN = IO::kN;
+  constexpr int64_t kStep = IO::kStep;
+  constexpr int64_t W = AVec::size();
+  if (geo.numel == 0) return;
+
+  // One step of `n` elements (n == kStep: full vectors) at linear offset `off`.
+  const auto step = [&](int64_t off, int64_t n, const AVec (&cv)[NCoef][kN]) {
+    AVec xv[NIn][kN];
+    for (int s = 0; s < NIn; ++s) {
+      if (n == kStep) {
+        IO::load(in[s] + off, xv[s]);
+      } else {
+        IO::load(in[s] + off, n, xv[s]);
+      }
+    }
+    AVec ov[kN];
+    for (int v = 0; v < kN; ++v) {
+      AVec xs[NIn];
+      AVec cs[NCoef];
+      for (int s = 0; s < NIn; ++s) xs[s] = xv[s][v];
+      for (int k = 0; k < NCoef; ++k) cs[k] = cv[k][v];
+      ov[v] = op(xs, cs);
+    }
+    if (n == kStep) {
+      IO::store(out + off, ov);
+    } else {
+      IO::store(out + off, n, ov);
+    }
+  };
+
+  const int64_t C = geo.C, S = geo.S;
+  if (!geo.channels_last) {
+    // [i0, i1) within one plane: channel c = (i0 / S) % C.
+    const auto segment = [&](int64_t i0, int64_t i1) {
+      const int64_t c = (i0 / S) % C;
+      AVec cv[NCoef][kN];
+      for (int k = 0; k < NCoef; ++k) {
+        for (int v = 0; v < kN; ++v) cv[k][v] = AVec(coef[k][c]);
+      }
+      int64_t i = i0;
+      for (; i + kStep <= i1; i += kStep) step(i, kStep, cv);
+      if (i < i1) step(i, i1 - i, cv);
+    };
+    at::parallel_for(0, geo.numel, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end;) {
+        const int64_t seg_end = std::min(end, (i / S + 1) * S);
+        segment(i, seg_end);
+        i = seg_end;
+      }
+    });
+  } else {
+    const Padded<acc_t> pc(coef.data(), NCoef, C, kStep);
+    const int64_t M = geo.N * S;
+    const auto row = [&](int64_t r) {
+      const int64_t base = r * C;
+      for (int64_t cb = 0; cb < C; cb += kStep) {
+        AVec cv[NCoef][kN];
+        for (int k = 0; k < NCoef; ++k) {
+          for (int v = 0; v < kN; ++v) cv[k][v] = AVec::loadu(pc[k] + cb + v * W);
+        }
+        step(base + cb, std::min(kStep, C - cb), cv);
+      }
+    };
+    at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) row(r);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// reduction skeleton: two per-channel sums over chunks fixed by the shape
+// ---------------------------------------------------------------------------------------------
+// NCHW: a chunk is one channel x planes [n0, n1) x spatial range [s0, s0 + piece). Planes longer
+// than kNchwMaxPiece are cut in pieces; short planes are grouped to about kNchwMinChunk elements.
+constexpr int64_t kNchwMaxPiece = 16384;
+constexpr int64_t kNchwMinChunk = 4096;
+// Channels last: a chunk is rows [r0, r0 + rows) x channels [c0, c0 + Cb), Cb <= kNhwcChannels,
+// about kNhwcChunk elements (at least kNhwcMinRows rows).
+constexpr int64_t kNhwcChannels = 256;
+constexpr int64_t kNhwcChunk = 65536;
+constexpr int64_t kNhwcMinRows = 16;
+
+struct Plan {
+  bool channels_last = false;
+  int64_t N = 0, C = 0, S = 0;
+  // NCHW
+  int64_t planes_per_chunk = 1, piece = 0, pieces = 0, plane_blocks = 0;
+  // channels last
+  int64_t M = 0, rows = 0, row_blocks = 0, Cb = 0, chan_blocks = 0;
+  int64_t chunks = 0;  // chunks per channel: partials are [chunks, C]
+
+  explicit Plan(const Geometry& geo) : channels_last(geo.channels_last), N(geo.N), C(geo.C), S(geo.S) {
+    if (geo.numel == 0) return;
+    if (!channels_last) {
+      if (S > kNchwMaxPiece) {
+        piece = kNchwMaxPiece;
+        pieces = (S + piece - 1) / piece;
+        planes_per_chunk = 1;
+      } else {
+        piece = S;
+        pieces = 1;
+        planes_per_chunk = std::max<int64_t>(1, kNchwMinChunk / S);
+      }
+      plane_blocks = (N + planes_per_chunk - 1) / planes_per_chunk;
+      chunks = plane_blocks * pieces;
+    } else {
+      M = N * S;
+      Cb = std::min(C, kNhwcChannels);
+      chan_blocks = (C + Cb - 1) / Cb;
+      rows = std::max(kNhwcMinRows, kNhwcChunk / Cb);
+      row_blocks = (M + rows - 1) / rows;
+      chunks = row_blocks;
+    }
+  }
+  // Elements of one channel in chunk j (the same for every channel).
+  int64_t count(int64_t j) const {
+    if (!channels_last) {
+      const int64_t nb = j / pieces, p = j % pieces;
+      const int64_t n0 = nb * planes_per_chunk, n1 = std::min(N, n0 + planes_per_chunk);
+      const int64_t s0 = p * piece, s1 = std::min(S, s0 + piece);
+      return (n1 - n0) * (s1 - s0);
+    }
+    const int64_t r0 = j * rows;
+    return std::min(M, r0 + rows) - r0;
+  }
+};
+
+// Reduces every chunk of every channel. `red` provides, for T = AVec and T = acc_t:
+//   acc_t param(c, i_first)                 a per-(chunk, channel) constant (a shift, the mean)
+//   void accum(const T* xs, T param, T& s1, T& s2)   adds one element (NIn input values)
+//   void finish(int64_t n, acc_t param, acc_t s1, acc_t s2, double& o1, double& o2)
+// and the chunk's (o1, o2) are written to p1[j * C + c], p2[j * C + c].
+template <int NIn, typename scalar_t, typename Red>
+void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in, const Red& red,
+                    double* p1, double* p2) {
+  using IO = Vio<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using AVec = typename IO::AVec;
+  constexpr int kN = IO::kN;
+  constexpr int64_t kStep = IO::kStep;
+  constexpr int64_t W = AVec::size();
+  const int64_t N = plan.N, C = plan.C, S = plan.S, chunks = plan.chunks;
+  if (chunks == 0) return;
+
+  if (!plan.channels_last) {
+    const int64_t elems = std::min(plan.planes_per_chunk, N) * plan.piece;
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(elems, 1));
+    at::parallel_for(0, C * chunks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        // Tasks in memory order (plane block, channel, piece); chunk j = nb * pieces + p.
+        const int64_t p = t % plan.pieces;
+        const int64_t c = (t / plan.pieces) % C;
+        const int64_t nb = t / (plan.pieces * C);
+        const int64_t j = nb * plan.pieces + p;
+        const int64_t n0 = nb * plan.planes_per_chunk, n1 = std::min(N, n0 + plan.planes_per_chunk);
+        const int64_t s0 = p * plan.piece, s_end = std::min(S, s0 + plan.piece);
+        const acc_t par = red.param(c, (n0 * C + c) * S + s0);
+        const AVec vpar(par);
+        // Two steps per iteration, each of kN vectors: 2 * kN independent accumulator pairs.
+        constexpr int kA = 2 * kN;
+        AVec a1[kA], a2[kA];
+        for (int u = 0; u < kA; ++u) {
+          a1[u] = AVec(acc_t(0));
+          a2[u] = AVec(acc_t(0));
+        }
+        acc_t t1 = acc_t(0), t2 = acc_t(0);
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t base = (n * C + c) * S;
+          int64_t s = s0;
+          for (; s + 2 * kStep <= s_end; s += 2 * kStep) {
+            for (int h = 0; h < 2; ++h) {
+              AVec xv[NIn][kN];
+              for (int q = 0; q < NIn; ++q) IO::load(in[q] + base + s + h * kStep, xv[q]);
+              for (int v = 0; v < kN; ++v) {
+                AVec xs[NIn];
+                for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
+                red.accum(xs, vpar, a1[h * kN + v], a2[h * kN + v]);
+              }
+            }
+          }
+          for (; s + kStep <= s_end; s += kStep) {
+            AVec xv[NIn][kN];
+            for (int q = 0; q < NIn; ++q) IO::load(in[q] + base + s, xv[q]);
+            for (int v = 0; v < kN; ++v) {
+              AVec xs[NIn];
+              for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
+              red.accum(xs, vpar, a1[v], a2[v]);
+            }
+          }
+          for (; s < s_end; ++s) {
+            acc_t xs[NIn];
+            for (int q = 0; q < NIn; ++q) xs[q] = static_cast<acc_t>(in[q][base + s]);
+            red.accum(xs, par, t1, t2);
+          }
+        }
+        for (int u = 1; u < kA; ++u) {
+          a1[0] = a1[0] + a1[u];
+          a2[0] = a2[0] + a2[u];
+        }
+        alignas(64) acc_t l1[W], l2[W];
+        a1[0].store(l1);
+        a2[0].store(l2);
+        acc_t s1 = acc_t(0), s2 = acc_t(0);
+        for (int64_t l = 0; l < W; ++l) {
+          s1 += l1[l];
+          s2 += l2[l];
+        }
+        red.finish((n1 - n0) * (s_end - s0), par, s1 + t1, s2 + t2, p1[j * C + c], p2[j * C + c]);
+      }
+    });
+    return;
+  }
+
+  const int64_t M = plan.M, Cb = plan.Cb, rows = plan.rows;
+  const int64_t tasks = plan.row_blocks * plan.chan_blocks;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(std::min(rows, M) * Cb, 1));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    // Per-channel accumulators of one chunk, padded to whole steps (kStep divides kNhwcChannels).
+    static_assert(kNhwcChannels % kStep == 0, "channel blocks are whole steps");
+    alignas(64) acc_t par[kNhwcChannels], a1[kNhwcChannels], a2[kNhwcChannels];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j = t / plan.chan_blocks;
+      const int64_t c0 = (t % plan.chan_blocks) * Cb, c1 = std::min(C, c0 + Cb);
+      const int64_t r0 = j * rows, r1 = std::min(M, r0 + rows);
+      const int64_t cn = c1 - c0;
+      const int64_t cpad = (cn + kStep - 1) / kStep * kStep;
+      for (int64_t c = 0; c < cpad; ++c) {
+        par[c] = c < cn ? red.param(c0 + c, r0 * C + c0 + c) : acc_t(0);
+        a1[c] = acc_t(0);
+        a2[c] = acc_t(0);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = r * C + c0;
+        for (int64_t cv = 0; cv < cn; cv += kStep) {
+          const int64_t n = std::min(kStep, cn - cv);
+          AVec xv[NIn][kN];
+          for (int q = 0; q < NIn; ++q) {
+            if (n == kStep) {
+              IO::load(in[q] + base + cv, xv[q]);
+            } else {
+              IO::load(in[q] + base + cv, n, xv[q]);  // zero-filled lanes land in the padding
+            }
+          }
+          for (int v = 0; v < kN; ++v) {
+            AVec xs[NIn];
+            for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
+            const int64_t o = cv + v * W;
+            AVec s1 = AVec::loadu(a1 + o), s2 = AVec::loadu(a2 + o);
+            red.accum(xs, AVec::loadu(par + o), s1, s2);
+            s1.store(a1 + o);
+            s2.store(a2 + o);
+          }
+        }
+      }
+      for (int64_t c = 0; c < cn; ++c) {
+        red.finish(r1 - r0, par[c], a1[c], a2[c], p1[j * C + c0 + c], p2[j * C + c0 + c]);
+      }
+    }
+  });
+}
+
+// A [chunks, C] double buffer pair for the chunk partials (one allocation per call).
+struct Partials {
+  std::unique_ptr<double[]> data;
+  double* p1 = nullptr;
+  double* p2 = nullptr;
+  explicit Partials(int64_t n) : data(new double[static_cast<size_t>(std::max<int64_t>(2 * n, 1))]) {
+    p1 = data.get();
+    p2 = data.get() + n;
+  }
+};
+
+// Channel block for the merges (vectorizable loops over channels for each chunk in order).
+constexpr int64_t kMergeBlock = 256;
+
+// ---------------------------------------------------------------------------------------------
+// bn_stats
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct StatsRed {
+  using acc_t = typename Vio<scalar_t>::acc_t;
+  const scalar_t* x;
+  // Shift: the chunk's first element of the channel.
+  acc_t param(int64_t, int64_t i) const {
+    return static_cast<acc_t>(x[i]);
+  }
+  template <typename T>
+  void accum(const T* xs, const T& shift, T& s1, T& s2) const {
+    const T d = xs[0] - shift;
+    s1 = s1 + d;
+    s2 = s2 + d * d;
+  }
+  void finish(int64_t n, acc_t shift, acc_t s1, acc_t s2, double& mean, double& m2) const {
+    const rm::StatsPartial<double> p = rm::stats_from_shifted_sums<double>(
+        static_cast<double>(n), static_cast<double>(shift), static_cast<double>(s1), static_cast<double>(s2));
+    mean = p.mean;
+    m2 = p.m2;
+  }
+};
+
+void bn_stats_kernel(const StatsArgs& a) {
+  const Geometry& geo = a.geo;
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = typename Vio<scalar_t>::acc_t;
+    acc_t* mean = static_cast<acc_t*>(a.mean);
+    acc_t* var = static_cast<acc_t*>(a.var);
+    const int64_t C = geo.C;
+    const Plan plan(geo);
+    if (plan.chunks == 0) {  // empty channels: NaN, like torch's mean over no elements
+      std::fill(mean, mean + C, std::numeric_limits<acc_t>::quiet_NaN());
+      std::fill(var, var + C, std::numeric_limits<acc_t>::quiet_NaN());
+      return;
+    }
+    const scalar_t* x = static_cast<const scalar_t*>(a.input);
+    Partials parts(plan.chunks * C);
+    chunked_reduce<1, scalar_t>(plan, {x}, StatsRed<scalar_t>{x}, parts.p1, parts.p2);
+    // Chan merges in chunk order, vectorizable across the channels of a block.
+    at::parallel_for(0, C, kMergeBlock, [&](int64_t begin, int64_t end) {
+      alignas(64) double m[kMergeBlock], q[kMergeBlock];
+      for (int64_t b0 = begin; b0 < end; b0 += kMergeBlock) {
+        const int64_t bn = std::min(kMergeBlock, end - b0);
+        std::copy(parts.p1 + b0, parts.p1 + b0 + bn, m);
+        std::copy(parts.p2 + b0, parts.p2 + b0 + bn, q);
+        double n_tot = static_cast<double>(plan.count(0));
+        for (int64_t j = 1; j < plan.chunks; ++j) {
+          const double nj = static_cast<double>(plan.count(j));
+          const double wb = nj / (n_tot + nj);
+          const double na_wb = n_tot * wb;
+          const double* pm = parts.p1 + j * C + b0;
+          const double* pq = parts.p2 + j * C + b0;
+          for (int64_t c = 0; c < bn; ++c) rm::stats_merge_weighted(m[c], q[c], pm[c], pq[c], wb, na_wb);
+          n_tot += nj;
+        }
+        for (int64_t c = 0; c < bn; ++c) {
+          mean[b0 + c] = static_cast<acc_t>(m[c]);
+          var[b0 + c] = static_cast<acc_t>(rm::stats_biased_var(rm::StatsPartial<double>{n_tot, m[c], q[c]}));
+        }
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_apply
+// ---------------------------------------------------------------------------------------------
+template <bool kRelu, typename scalar_t>
+void bn_apply_typed(const ApplyArgs& a) {
+  using acc_t = typename Vio<scalar_t>::acc_t;
+  const scalar_t* x = static_cast<const scalar_t*>(a.input);
+  scalar_t* y = static_cast<scalar_t*>(a.out);
+  const acc_t* sc = static_cast<const acc_t*>(a.scale);
+  const acc_t* sh = static_cast<const acc_t*>(a.shift);
+  if (a.residual == nullptr) {
+    elementwise<1, 2, scalar_t>(a.geo, {x}, y, {sc, sh}, [](const auto* v, const auto* c) {
+      return rm::bn_apply_plain(v[0], c[0], c[1], kRelu);
+    });
+    return;
+  }
+  const scalar_t* r = static_cast<const scalar_t*>(a.residual);
+  if (a.res_scale == nullptr) {
+    elementwise<2, 2, scalar_t>(a.geo, {x, r}, y, {sc, sh}, [](const auto* v, const auto* c) {
+      return rm::bn_apply_residual(v[0], c[0], c[1], v[1], kRelu);
+    });
+    return;
+  }
+  const acc_t* rsc = static_cast<const acc_t*>(a.res_scale);
+  const acc_t* rsh = static_cast<const acc_t*>(a.res_shift);
+  elementwise<2, 4, scalar_t>(a.geo, {x, r}, y, {sc, sh, rsc, rsh}, [](const auto* v, const auto* c) {
+    return rm::bn_apply_residual_affine(v[0], c[0], c[1], v[1], c[2], c[3], kRelu);
+  });
+}
+
+void bn_apply_kernel(const ApplyArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (a.relu) {
+      bn_apply_typed<true, scalar_t>(a);
+    } else {
+      bn_apply_typed<false, scalar_t>(a);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_backward_reduce
+// ---------------------------------------------------------------------------------------------
+// Inputs: xs[0] = grad_out, xs[1] = input, xs[2] = output (when kRelu).
+template <bool kRelu, typename scalar_t>
+struct BackwardRed {
+  using acc_t = typename Vio<scalar_t>::acc_t;
+  const acc_t* mean;
+  acc_t param(int64_t c, int64_t) const {
+    return mean[c];
+  }
+  template <typename T>
+  void accum(const T* xs, const T& m, T& s1, T& s2) const {
+    T g = xs[0];
+    if constexpr (kRelu) g = rm::relu_backward_mask(g, xs[2]);
+    s1 = s1 + g;
+    s2 = s2 + g * (xs[1] - m);
+  }
+  void finish(int64_t, acc_t, acc_t s1, acc_t s2, double& o1, double& o2) const {
+    o1 = static_cast<double>(s1);
+    o2 = static_cast<double>(s2);
+  }
+};
+
+template <bool kRelu, typename scalar_t>
+void bn_backward_reduce_typed(const BackwardReduceArgs& a) {
+  using acc_t = typename Vio<scalar_t>::acc_t;
+  const Geometry& geo = a.geo;
+  const int64_t C = geo.C;
+  acc_t* sdy = static_cast<acc_t*>(a.sum_dy);
+  acc_t* sdx = static_cast<acc_t*>(a.sum_dy_xmu);
+  const Plan plan(geo);
+  if (plan.chunks == 0) {
+    std::fill(sdy, sdy + C, acc_t(0));
+    std::fill(sdx, sdx + C, acc_t(0));
+    return;
+  }
+  const scalar_t* dy = static_cast<const scalar_t*>(a.grad_out);
+  const scalar_t* x = static_cast<const scalar_t*>(a.input);
+  const BackwardRed<kRelu, scalar_t> red{static_cast<const acc_t*>(a.mean)};
+  Partials parts(plan.chunks * C);
+  if constexpr (kRelu) {
+    chunked_reduce<3, scalar_t>(plan, {dy, x, static_cast<const scalar_t*>(a.output)}, red, parts.p1, parts.p2);
+  } else {
+    chunked_reduce<2, scalar_t>(plan, {dy, x}, red, parts.p1, parts.p2);
+  }
+  at::parallel_for(0, C, kMergeBlock, [&](int64_t begin, int64_t end) {
+    alignas(64) double t1[kMergeBlock], t2[kMergeBlock];
+    for (int64_t b0 = begin; b0 < end; b0 += kMergeBlock) {
+      const int64_t bn = std::min(kMergeBlock, end - b0);
+      std::copy(parts.p1 + b0, parts.p1 + b0 + bn, t1);
+      std::copy(parts.p2 + b0, parts.p2 + b0 + bn, t2);
+      for (int64_t j = 1; j < plan.chunks; ++j) {
+        const double* q1 = parts.p1 + j * C + b0;
+        const double* q2 = parts.p2 + j * C + b0;
+        for (int64_t c = 0; c < bn; ++c) {
+          t1[c] += q1[c];
+          t2[c] += q2[c];
+        }
+      }
+      for (int64_t c = 0; c < bn; ++c) {
+        sdy[b0 + c] = static_cast<acc_t>(t1[c]);
+        sdx[b0 + c] = static_cast<acc_t>(t2[c]);
+      }
+    }
+  });
+}
+
+void bn_backward_reduce_kernel(const BackwardReduceArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (a.relu) {
+      bn_backward_reduce_typed<true, scalar_t>(a);
+    } else {
+      bn_backward_reduce_typed<false, scalar_t>(a);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// bn_backward_apply
+// ---------------------------------------------------------------------------------------------
+template <bool kRelu, typename scalar_t>
+void bn_backward_apply_typed(const BackwardApplyArgs& a) {
+  using acc_t = typename Vio<scalar_t>::acc_t;
+  const scalar_t* dy = static_cast<const scalar_t*>(a.grad_out);
+  const scalar_t* x = static_cast<const scalar_t*>(a.input);
+  const scalar_t* o = static_cast<const scalar_t*>(a.output);
+  scalar_t* dx = static_cast<scalar_t*>(a.grad_in);
+  const acc_t* k = static_cast<const acc_t*>(a.k);
+  if (a.mean_dy == nullptr) {  // eval form: the input is not read at all
+    if constexpr (kRelu) {
+      elementwise<2, 1, scalar_t>(a.geo, {dy, o}, dx, {k}, [](const auto* v, const auto* c) {
+        return rm::bn_backward_elem_eval(rm::relu_backward_mask(v[0], v[1]), c[0]);
+      });
+    } else {
+      elementwise<1, 1, scalar_t>(a.geo, {dy}, dx, {k}, [](const auto* v, const auto* c) {
+        return rm::bn_backward_elem_eval(v[0], c[0]);
+      });
+    }
+    return;
+  }
+  const acc_t* m = static_cast<const acc_t*>(a.mean);
+  const acc_t* mdy = static_cast<const acc_t*>(a.mean_dy);
+  const acc_t* pj = static_cast<const acc_t*>(a.proj);
+  if constexpr (kRelu) {
+    elementwise<3, 4, scalar_t>(a.geo, {dy, x, o}, dx, {m, mdy, pj, k}, [](const auto* v, const auto* c) {
+      return rm::bn_backward_elem(rm::relu_backward_mask(v[0], v[2]), v[1], c[0], c[1], c[2], c[3]);
+    });
+  } else {
+    elementwise<2, 4, scalar_t>(a.geo, {dy, x}, dx, {m, mdy, pj, k}, [](const auto* v, const auto* c) {
+      return rm::bn_backward_elem(v[0], v[1], c[0], c[1], c[2], c[3]);
+    });
+  }
+}
+
+void bn_backward_apply_kernel(const BackwardApplyArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (a.relu) {
+      bn_backward_apply_typed<true, scalar_t>(a);
+    } else {
+      bn_backward_apply_typed<false, scalar_t>(a);
+    }
+  });
+}
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{RESNET_FUSED_CAP_STR(CPU_CAPABILITY), &bn_stats_kernel, &bn_apply_kernel,
+                                 &bn_backward_reduce_kernel, &bn_backward_apply_kernel};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace resnet_fused
