@@ -320,13 +320,22 @@ def _variants(name: str, x: Tensor, backend: str, compile_peer: bool) -> List[_V
     return variants
 
 
+def _folded_variant(reference: nn.Module, x: Tensor) -> _Variant:
+    """``fold_bn`` of the eval-mode torchvision model: conv + bias (+ add) + ReLU per layer."""
+    folded = resnet_fused.fold_bn(reference)
+    conv = folded.conv1
+    with torch.no_grad():
+        one_dnn = resnet_fused.ops._mkldnn_eligible(x, conv.weight, None)
+    return _Variant("folded", folded, folded, "oneDNN post-ops" if one_dnn else "aten conv+bias")
+
+
 def _sync_state(variants: List[_Variant]) -> None:
     """Gives every variant with BatchNorm the reference's running statistics: the models are
     called different numbers of times (parity runs the reference once per peer), and the eval
     comparison must start from one state. The limit model has no statistics to sync."""
     state = variants[0].module.state_dict()
     for v in variants[1:]:
-        if v.name != "limit":
+        if v.name not in ("limit", "folded"):
             v.module.load_state_dict(state)
 
 
@@ -341,13 +350,15 @@ def _measure_mode(mode: str, variants: List[_Variant], x: Tensor, labels: Tensor
     """Compile (timed once, outside the rounds), parity, saved bytes, then interleaved rounds."""
     train = mode == "train"
     loss = _ce_loss(labels)
+    _sync_state(variants)
+    for v in variants:
+        v.module.train(train)
+    if not train:  # inference adds the BatchNorm-folded model, built from the synced eval state
+        variants = variants[:2] + [_folded_variant(variants[0].module, x)] + variants[2:]
     calls = {v.name: bm.train_step(v.model, x, loss) if train else bm.infer_forward(v.model, x)
              for v in variants}
     total = (args.warmup + args.rounds) * len(variants)
     task = progress.add_task(f"{args.model} {mode}", total=total)
-    _sync_state(variants)
-    for v in variants:
-        v.module.train(train)
     compile_s = _compile_times(calls, progress, task, f"{args.model} {mode}")
     progress.update(task, description=f"{args.model} {mode}: parity")
     parity = {v.name: _parity(train, variants[0].model, v, x, loss) for v in variants}

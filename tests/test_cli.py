@@ -29,9 +29,11 @@ def test_bench_writes_json_records(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(TINY_BENCH + ["--json", str(path)]) == 0
     records = json.loads(path.read_text())
-    assert [(r["mode"], r["variant"]) for r in records] == [
-        (mode, variant) for mode in ("train", "infer")
-        for variant in ("torchvision", "fused", "limit")]
+    assert [(r["mode"], r["variant"]) for r in records] == (
+        [("train", v) for v in ("torchvision", "fused", "limit")]
+        + [("infer", v) for v in ("torchvision", "fused", "folded", "limit")])
+    folded = next(r for r in records if r["variant"] == "folded")
+    assert folded["rel_err"] <= 1e-5
     by = {(r["mode"], r["variant"]): r for r in records}
     for r in records:
         assert REQUIRED <= r.keys()
