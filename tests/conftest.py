@@ -207,3 +207,13 @@ def compare_buffers(ref: nn.Module, fused: nn.Module, tol: float, what: str = ""
         else:
             err = rel_err(b, b_ref)
             assert err <= tol, f"{what}{name}: rel_err {err:.3g} > {tol}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU: skipped, with the reason, where none is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
