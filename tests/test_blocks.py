@@ -68,6 +68,27 @@ def _sync(ref, fused, opt_r, opt_f):
     opt_f.load_state_dict(opt_r.state_dict())
 
 
+# A draw whose block output has a pre-activation within float32 rounding of 0 puts the ReLU on its
+# kink, where the gradient is discontinuous: either side is a correct float32 result, and such a draw
+# compares nothing. It is redrawn (from the same state), at most this many times per step, so a
+# systematic sign error still fails. Outputs, statistics and every other draw are compared as usual.
+MAX_KINK_REDRAWS = 3
+
+
+def _train_draw(ref, fused, shape, dtype, memory_format, make_input, opt_r, opt_f):
+    """A training forward/backward on a fresh draw that puts no output ReLU on its kink."""
+    state = copy.deepcopy(ref.state_dict())
+    for attempt in range(MAX_KINK_REDRAWS + 1):
+        x = _to_format(make_input(shape, dtype), memory_format)
+        out_r, out_f, xr, xf = _forward_backward(ref, fused, x)
+        if _output_flips(out_f, out_r) == 0 or attempt == MAX_KINK_REDRAWS:
+            return out_r, out_f, xr, xf
+        ref.load_state_dict(state)  # undo this draw's running-statistics update
+        _sync(ref, fused, opt_r, opt_f)
+        opt_r.zero_grad()
+        opt_f.zero_grad()
+
+
 def run_parity(ref, fused, shape, *, steps=3, memory_format=None, dtype=torch.float32,
                tol_out=TOL_OUT, tol_grad=TOL_GRAD, tol_stats=TOL_STATS, expect_fused=True,
                eval_phase=True, make_input=None):
@@ -81,8 +102,8 @@ def run_parity(ref, fused, shape, *, steps=3, memory_format=None, dtype=torch.fl
     ref.train()
     fused.train()
     for step in range(steps):
-        x = _to_format(make_input(shape, dtype), memory_format)
-        out_r, out_f, xr, xf = _forward_backward(ref, fused, x)
+        out_r, out_f, xr, xf = _train_draw(ref, fused, shape, dtype, memory_format, make_input,
+                                           opt_r, opt_f)
         what = f"step {step} ({_output_flips(out_f, out_r)} ReLU flips in the output): "
         assert _is_fused_output(out_f) is expect_fused
         assert out_f.dtype == out_r.dtype and out_f.shape == out_r.shape
