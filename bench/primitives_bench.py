@@ -7,7 +7,9 @@ For each memory format, every variant of a comparison runs once per round, in tu
 on the same inputs; the table shows per-variant medians, the speedup (eager / fused) and the
 memory-bandwidth floor of the fused variant: the bytes it must move (each operand read once, each
 output written once) divided by the copy bandwidth measured in the same rounds (``dst.copy_(src)``
-of one tensor of this size: 2 x size bytes per copy).
+of one tensor of this size: 2 x size bytes per copy). Times are medians over rounds; speedup and
+fused/floor are medians of the per-round ratios (pairs measured back to back, so the machine's
+drifts cancel).
 
 Comparisons (BN in training mode, "block end" = ``relu(bn(y) + identity)``):
 
@@ -49,20 +51,26 @@ def _load_ops():
     return C, torch.ops.resnet_fused
 
 
-def interleaved(variants: Dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> Dict[str, float]:
-    """Median seconds per variant; each round runs every variant once, in turn."""
+def interleaved(variants: Dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> Dict[str, List[float]]:
+    """Seconds per call of each variant, per round; each round runs every variant once, in turn
+    (the order alternates between rounds, so no variant always runs first)."""
     names = list(variants)
     for _ in range(warmup):
         for n in names:
             variants[n]()
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]  # alternate the order: no variant always first
-        for n in order:
+        for n in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
             variants[n]()
             times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    return times
+
+
+def paired_ratio(num: List[float], den: List[float]) -> float:
+    """Median over rounds of num/den measured in the same round: the machine's slow drifts (other
+    tenants, memory bandwidth) cancel in each pair."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def run_layout(shape: Tuple[int, ...], dtype: torch.dtype, channels_last: bool, rounds: int) -> List[dict]:
@@ -155,7 +163,8 @@ def run_layout(shape: Tuple[int, ...], dtype: torch.dtype, channels_last: bool, 
         "bwd_block/fused": fused_backward_block, "bwd_block/eager": eager_backward_block,
         "bwd_bnrelu/fused": fused_backward_bnrelu, "bwd_bnrelu/eager": eager_backward_bnrelu,
     }
-    med = interleaved(variants, rounds)
+    times = interleaved(variants, rounds)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
     bandwidth = 2 * size / med["copy"]  # bytes/s
     # Bytes the fused variant must move, in tensor sizes (reads + writes).
     traffic = {"stats": 1, "apply": 3, "forward": 4, "bwd_block": 3 + 2 + 3, "bwd_bnrelu": 3 + 4}
@@ -163,12 +172,14 @@ def run_layout(shape: Tuple[int, ...], dtype: torch.dtype, channels_last: bool, 
               "bwd_block": "backward (block end)", "bwd_bnrelu": "backward (bn+relu)"}
     rows = []
     for key, label in labels.items():
-        fused, eager = med[f"{key}/fused"], med[f"{key}/eager"]
-        floor = traffic[key] * size / bandwidth
+        fused, eager = times[f"{key}/fused"], times[f"{key}/eager"]
         rows.append({
             "layout": "channels_last" if channels_last else "nchw", "op": label,
-            "fused_ms": fused * 1e3, "eager_ms": eager * 1e3, "speedup": eager / fused,
-            "floor_ms": floor * 1e3, "fused_over_floor": fused / floor,
+            "fused_ms": statistics.median(fused) * 1e3, "eager_ms": statistics.median(eager) * 1e3,
+            "speedup": paired_ratio(eager, fused),
+            # floor = traffic[key] / 2 copies of one tensor, per round
+            "floor_ms": traffic[key] / 2 * med["copy"] * 1e3,
+            "fused_over_floor": paired_ratio(fused, [c * traffic[key] / 2 for c in times["copy"]]),
             "copy_ms": med["copy"] * 1e3, "bandwidth_GBs": bandwidth / 1e9,
         })
     return rows

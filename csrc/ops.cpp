@@ -1,7 +1,8 @@
 // Schemas of the resnet_fused ops and the pybind11 module `resnet_fused._C`.
 //
 // Importing `resnet_fused._C` loads this library, which registers the schemas below (TORCH_LIBRARY)
-// and the CPU kernels (csrc/cpu, TORCH_LIBRARY_IMPL). CUDA kernels are a later issue: the CUDA
+// and the CPU kernels (csrc/cpu, TORCH_LIBRARY_IMPL; compiled once per CPU capability, the one torch
+// runs is used: build_info() says which). CUDA kernels are a later issue: the CUDA
 // sources are compiled (when a toolkit is found) but register nothing yet. The semantics are those of
 // resnet_fused/reference.py.
 

@@ -120,7 +120,8 @@ def err(a, r):
 g = torch.Generator().manual_seed(0)
 for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)]:
     for shape, cl in [((3, 70, 11, 13), False), ((3, 70, 11, 13), True), ((2, 3, 130, 131), False),
-                      ((4, 64, 20, 20), True), ((2, 300, 3, 5), True), ((64, 33), False)]:
+                      ((4, 64, 20, 20), True), ((2, 300, 3, 5), True), ((64, 33), False),
+                      ((2, 5, 501, 503), False), ((4, 64, 91, 91), True)]:
         mk = lambda: torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).contiguous(
             memory_format=torch.channels_last if cl else torch.contiguous_format)
         x, r, dy, o = mk() + 0.5, mk(), mk(), mk()
@@ -311,6 +312,27 @@ def test_operands_in_another_layout_than_input(input_cl):
     check_close(dx, reference.bn_backward_apply(other[1], x, other[2], mean, invstd, scale, shift, mean, True),
                 torch.float32)
     assert dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,channels_last", [((2, 5, 501, 503), False), ((4, 64, 91, 91), True),
+                                                 ((2, 70, 150, 151), True)],
+                         ids=["nchw-odd-planes", "cl-whole-vectors", "cl-channel-tail"])
+def test_large_outputs(shape, channels_last, dtype):
+    """Outputs of 8 MiB or more take the streaming-store path (vector-aligned stores after a peeled
+    head in NCHW planes; whole rows in channels last when C is a whole number of vectors)."""
+    g = gen(14)
+    c = shape[1]
+    scale = 1 if dtype != torch.bfloat16 else 2  # bfloat16: twice the elements for 8 MiB
+    shape = (shape[0] * scale,) + shape[1:]
+    x, res, grad, out = (rand(shape, g, dtype, channels_last) for _ in range(4))
+    assert x.numel() * x.element_size() >= 8 << 20
+    v = [vec(c, g, 0.5, 1.5) for _ in range(6)]
+    check_close(OPS.bn_apply(x, v[0], v[1], res, v[2], v[3], True),
+                reference.bn_apply(x, v[0], v[1], res, v[2], v[3], True), dtype)
+    mean = vec(c, g, dtype=acc_dtype(dtype))
+    check_close(OPS.bn_backward_apply(grad, x, out, mean, v[4], v[5], v[0], v[1], True),
+                reference.bn_backward_apply(grad, x, out, mean, v[4], v[5], v[0], v[1], True), dtype)
 
 
 @pytest.mark.parametrize("shape", [(6, 40, 1, 1), (6, 40)], ids=["Nx40x1x1", "Nx40"])

@@ -15,9 +15,12 @@
 //   bn_apply            read input (+ residual), write out
 //   bn_backward_reduce  read grad_out, input (+ output when relu)
 //   bn_backward_apply   read grad_out (+ input in training form) (+ output when relu), write grad_in
+// Outputs of 8 MiB or more are written with streaming (non-temporal) stores where the capability
+// has them: no read-for-ownership of the output lines, no eviction of the inputs.
 // Layouts, without copies: NCHW ([N, C, S]): vector loops along each (n, c) plane with per-channel
 // scalars broadcast; channels last ([M, C]): vector loops along the channels of each row with
 // per-channel vectors (padded copies of the coefficients; per-chunk per-channel accumulators in L1).
+// Allocations: a padded coefficient copy and a partials buffer, once per call, never in a loop.
 // float32/float16/bfloat16 compute in float (16-bit types are converted to two float vectors),
 // float64 in double. All indexing is int64.
 //
@@ -25,8 +28,9 @@
 // only on the shape (Plan), each chunk is reduced by one thread in a fixed order
 // (vector lanes, then the lanes summed in order, then a scalar tail), the chunk partials go to a
 // [chunks, C] buffer in double, and each channel's partials are merged in chunk order. Statistics
-// use sums shifted by a sample of the chunk (no catastrophic cancellation for inputs whose mean is
-// large compared with their spread) turned into (mean, M2) partials and merged with Chan's formula.
+// are two-pass per chunk (the chunk's mean, then the sums of deviations from it, the second sweep
+// reading the chunk from cache) turned into (mean, M2) partials and merged with Chan's formula: no
+// catastrophic cancellation for large means or for outliers, wherever they sit.
 // Results may differ in the last bits between capabilities (vector widths, FMA), not between runs.
 
 #ifndef CPU_CAPABILITY
@@ -43,6 +47,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -106,6 +111,74 @@ void dispatch_dtype(c10::ScalarType dtype, const F& f) {
   }
 }
 
+// Non-temporal ("streaming") stores of whole vectors to addresses aligned to the vector size: the
+// written lines go to memory without being read first (no read-for-ownership) and without
+// evicting the inputs from the caches. Used for outputs larger than kStreamBytes, which would
+// leave the caches before anyone reads them again anyway. DEFAULT: ordinary stores.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHasStream = true;
+#else
+constexpr bool kHasStream = false;
+#endif
+
+template <typename T>
+inline void stream_store(T* p, const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(p, v);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's streaming stores before what follows (the end of the parallel region).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+constexpr int64_t kStreamBytes = int64_t(1) << 23;  // 8 MiB
+
+// d[l] += v[l] for every lane l of v, in double (d holds Vectorized<acc_t>::size() doubles).
+inline void add_lanes_to_double(const Vectorized<double>& v, double* d) {
+  (Vectorized<double>::loadu(d) + v).store(d);
+}
+
+inline void add_lanes_to_double(const Vectorized<float>& v, double* d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+  const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+  _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), lo));
+  _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8), hi));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+  _mm256_storeu_pd(d, _mm256_add_pd(_mm256_loadu_pd(d), lo));
+  _mm256_storeu_pd(d + 4, _mm256_add_pd(_mm256_loadu_pd(d + 4), hi));
+#else
+  alignas(64) float l[Vectorized<float>::size()];
+  v.store(l);
+  for (int64_t i = 0; i < Vectorized<float>::size(); ++i) d[i] += static_cast<double>(l[i]);
+#endif
+}
+
+
 // ---------------------------------------------------------------------------------------------
 // loads and stores in the accumulation type
 // ---------------------------------------------------------------------------------------------
@@ -128,6 +201,10 @@ struct Vio {
   }
   static inline void store(scalar_t* p, int64_t n, const AVec* v) {
     v[0].store(p, static_cast<int>(n));
+  }
+  // p aligned to the vector size.
+  static inline void store_stream(scalar_t* p, const AVec* v) {
+    stream_store(p, v[0]);
   }
 };
 
@@ -154,6 +231,9 @@ struct Vio<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scala
   }
   static inline void store(scalar_t* p, int64_t n, const AVec* v) {
     at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, static_cast<int>(n));
+  }
+  static inline void store_stream(scalar_t* p, const AVec* v) {
+    stream_store(p, at::vec::convert_from_float<scalar_t>(v[0], v[1]));
   }
 };
 
@@ -193,11 +273,17 @@ void elementwise(const Geometry& geo, const std::array<const scalar_t*, NIn>& in
   constexpr int64_t W = AVec::size();
   if (geo.numel == 0) return;
 
-  // One step of `n` elements (n == kStep: full vectors) at linear offset `off`.
-  const auto step = [&](int64_t off, int64_t n, const AVec (&cv)[NCoef][kN]) {
+  // Streaming stores for large outputs (see stream_store), on vector-aligned addresses.
+  constexpr int64_t kAlign = kStep * static_cast<int64_t>(sizeof(scalar_t));  // one vector, in bytes
+  const bool stream = kHasStream && geo.numel * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes;
+
+  // One step of `n` elements (n == kStep: full vectors) at linear offset `off`; kStream: a full
+  // step stored with a streaming store (out + off aligned).
+  const auto step = [&](auto stream_c, int64_t off, int64_t n, const AVec (&cv)[NCoef][kN]) {
+    constexpr bool kStream = decltype(stream_c)::value;
     AVec xv[NIn][kN];
     for (int s = 0; s < NIn; ++s) {
-      if (n == kStep) {
+      if (kStream || n == kStep) {
         IO::load(in[s] + off, xv[s]);
       } else {
         IO::load(in[s] + off, n, xv[s]);
@@ -211,12 +297,16 @@ void elementwise(const Geometry& geo, const std::array<const scalar_t*, NIn>& in
       for (int k = 0; k < NCoef; ++k) cs[k] = cv[k][v];
       ov[v] = op(xs, cs);
     }
-    if (n == kStep) {
+    if constexpr (kStream) {
+      IO::store_stream(out + off, ov);
+    } else if (n == kStep) {
       IO::store(out + off, ov);
     } else {
       IO::store(out + off, n, ov);
     }
   };
+  const std::false_type plain{};
+  const std::true_type streaming{};
 
   const int64_t C = geo.C, S = geo.S;
   if (!geo.channels_last) {
@@ -228,8 +318,20 @@ void elementwise(const Geometry& geo, const std::array<const scalar_t*, NIn>& in
         for (int v = 0; v < kN; ++v) cv[k][v] = AVec(coef[k][c]);
       }
       int64_t i = i0;
-      for (; i + kStep <= i1; i += kStep) step(i, kStep, cv);
-      if (i < i1) step(i, i1 - i, cv);
+      if (stream) {
+        // Ordinary stores up to the first aligned address, streaming ones for whole vectors.
+        const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out + i) % kAlign) /
+                            static_cast<int64_t>(sizeof(scalar_t));
+        if (mis != 0) {
+          const int64_t h = std::min(kStep - mis, i1 - i);
+          step(plain, i, h, cv);
+          i += h;
+        }
+        for (; i + kStep <= i1; i += kStep) step(streaming, i, kStep, cv);
+      } else {
+        for (; i + kStep <= i1; i += kStep) step(plain, i, kStep, cv);
+      }
+      if (i < i1) step(plain, i, i1 - i, cv);
     };
     at::parallel_for(0, geo.numel, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end;) {
@@ -237,22 +339,30 @@ void elementwise(const Geometry& geo, const std::array<const scalar_t*, NIn>& in
         segment(i, seg_end);
         i = seg_end;
       }
+      if (stream) stream_fence();
     });
   } else {
     const Padded<acc_t> pc(coef.data(), NCoef, C, kStep);
     const int64_t M = geo.N * S;
-    const auto row = [&](int64_t r) {
+    // Rows start on aligned addresses when the output does and C is a whole number of vectors.
+    const bool stream_rows = stream && C % kStep == 0 && reinterpret_cast<uintptr_t>(out) % kAlign == 0;
+    const auto row = [&](auto stream_c, int64_t r) {
       const int64_t base = r * C;
       for (int64_t cb = 0; cb < C; cb += kStep) {
         AVec cv[NCoef][kN];
         for (int k = 0; k < NCoef; ++k) {
           for (int v = 0; v < kN; ++v) cv[k][v] = AVec::loadu(pc[k] + cb + v * W);
         }
-        step(base + cb, std::min(kStep, C - cb), cv);
+        step(stream_c, base + cb, std::min(kStep, C - cb), cv);
       }
     };
     at::parallel_for(0, M, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) row(r);
+      if (stream_rows) {
+        for (int64_t r = r0; r < r1; ++r) row(streaming, r);
+        stream_fence();
+      } else {
+        for (int64_t r = r0; r < r1; ++r) row(plain, r);
+      }
     });
   }
 }
@@ -264,11 +374,16 @@ void elementwise(const Geometry& geo, const std::array<const scalar_t*, NIn>& in
 // than kNchwMaxPiece are cut in pieces; short planes are grouped to about kNchwMinChunk elements.
 constexpr int64_t kNchwMaxPiece = 16384;
 constexpr int64_t kNchwMinChunk = 4096;
-// Channels last: a chunk is rows [r0, r0 + rows) x channels [c0, c0 + Cb), Cb <= kNhwcChannels,
-// about kNhwcChunk elements (at least kNhwcMinRows rows).
-constexpr int64_t kNhwcChannels = 256;
+// Channels last: a chunk is rows [r0, r0 + rows) x channels [c0, c0 + Cb), Cb <= kNhwcChannels
+// (whole rows for every ResNet width), about kNhwcChunk elements (at least kNhwcMinRows rows).
+constexpr int64_t kNhwcChannels = 2048;
 constexpr int64_t kNhwcChunk = 65536;
 constexpr int64_t kNhwcMinRows = 16;
+// acc_t accumulators are added into double every kFlush loop iterations (NCHW: two steps; channels
+// last: rows), so that no float sum runs over more than a handful of elements.
+constexpr int kFlush = 32;
+// Channels-last statistics: two passes over blocks of rows of about this many elements (in L1).
+constexpr int64_t kNhwcSubBlock = 4096;
 
 struct Plan {
   bool channels_last = false;
@@ -316,9 +431,15 @@ struct Plan {
 };
 
 // Reduces every chunk of every channel. `red` provides, for T = AVec and T = acc_t:
-//   acc_t param(c, i_first)                 a per-(chunk, channel) constant (a shift, the mean)
-//   void accum(const T* xs, T param, T& s1, T& s2)   adds one element (NIn input values)
-//   void finish(int64_t n, acc_t param, acc_t s1, acc_t s2, double& o1, double& o2)
+//   static constexpr bool kCentered   true: two-pass statistics of input 0: the mean of the chunk
+//                                     (NCHW) or of an L1-sized block of rows (channels last) is
+//                                     the constant, from a first sweep while the data is in cache
+//                                     (memory is read once); channels last writes (mean, M2)
+//                                     partials itself, merging its blocks with Chan's formula;
+//   acc_t param(c)                    otherwise: the per-channel constant (e.g. a given mean);
+//   void accum(const T* xs, T param, T& s1, T& s2)   adds one element (NIn input values; also
+//                                     called with T = double for scalar tails);
+//   void finish(int64_t n, acc_t param, double s1, double s2, double& o1, double& o2)
 // and the chunk's (o1, o2) are written to p1[j * C + c], p2[j * C + c].
 template <int NIn, typename scalar_t, typename Red>
 void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in, const Red& red,
@@ -331,6 +452,9 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
   constexpr int64_t W = AVec::size();
   const int64_t N = plan.N, C = plan.C, S = plan.S, chunks = plan.chunks;
   if (chunks == 0) return;
+  // The sweep of the first (centering) pass: a plain sum of input 0.
+  const auto sum_of_input0 = [](const auto* xs, const auto&, auto& s1, auto&) { s1 = s1 + xs[0]; };
+  const auto red_accum = [&](const auto* xs, const auto& par, auto& s1, auto& s2) { red.accum(xs, par, s1, s2); };
 
   if (!plan.channels_last) {
     const int64_t elems = std::min(plan.planes_per_chunk, N) * plan.piece;
@@ -344,58 +468,90 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
         const int64_t j = nb * plan.pieces + p;
         const int64_t n0 = nb * plan.planes_per_chunk, n1 = std::min(N, n0 + plan.planes_per_chunk);
         const int64_t s0 = p * plan.piece, s_end = std::min(S, s0 + plan.piece);
-        const acc_t par = red.param(c, (n0 * C + c) * S + s0);
-        const AVec vpar(par);
-        // Two steps per iteration, each of kN vectors: 2 * kN independent accumulator pairs.
-        constexpr int kA = 2 * kN;
-        AVec a1[kA], a2[kA];
-        for (int u = 0; u < kA; ++u) {
-          a1[u] = AVec(acc_t(0));
-          a2[u] = AVec(acc_t(0));
-        }
-        acc_t t1 = acc_t(0), t2 = acc_t(0);
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t base = (n * C + c) * S;
-          int64_t s = s0;
-          for (; s + 2 * kStep <= s_end; s += 2 * kStep) {
-            for (int h = 0; h < 2; ++h) {
-              AVec xv[NIn][kN];
-              for (int q = 0; q < NIn; ++q) IO::load(in[q] + base + s + h * kStep, xv[q]);
-              for (int v = 0; v < kN; ++v) {
-                AVec xs[NIn];
-                for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
-                red.accum(xs, vpar, a1[h * kN + v], a2[h * kN + v]);
+        const int64_t count = (n1 - n0) * (s_end - s0);
+        // One sweep over the chunk in a fixed order. Blocks of at most kFlush iterations of two
+        // steps accumulate into 2 * kN fresh vector accumulator pairs (acc_t, in registers), which
+        // are then added lane by lane into double (no float sum runs over more than 2 * kFlush
+        // elements); then the lanes are summed in order and the scalar tail (double) is added.
+        const auto sweep = [&](const auto& acc_fn, acc_t par, int64_t prefetch, double& r1, double& r2) {
+          const AVec vpar(par);
+          constexpr int kA = 2 * kN;
+          alignas(64) double d1[W] = {}, d2[W] = {};
+          double t1 = 0.0, t2 = 0.0;
+          const double dpar = static_cast<double>(par);
+          for (int64_t n = n0; n < n1; ++n) {
+            const int64_t base = (n * C + c) * S;
+            int64_t s = s0;
+            while (s + kStep <= s_end) {
+              AVec a1[kA], a2[kA];
+              for (int u = 0; u < kA; ++u) {
+                a1[u] = AVec(acc_t(0));
+                a2[u] = AVec(acc_t(0));
               }
+              for (int it = 0; it < kFlush && s + 2 * kStep <= s_end; ++it, s += 2 * kStep) {
+                if (prefetch != 0) {
+                  for (int q = 0; q < NIn; ++q) {
+                    for (int64_t b = 0; b < 2 * kStep * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+                      __builtin_prefetch(reinterpret_cast<const char*>(in[q] + base + s + prefetch) + b);
+                    }
+                  }
+                }
+                for (int h = 0; h < 2; ++h) {
+                  AVec xv[NIn][kN];
+                  for (int q = 0; q < NIn; ++q) IO::load(in[q] + base + s + h * kStep, xv[q]);
+                  for (int v = 0; v < kN; ++v) {
+                    AVec xs[NIn];
+                    for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
+                    acc_fn(xs, vpar, a1[h * kN + v], a2[h * kN + v]);
+                  }
+                }
+              }
+              if (s + kStep <= s_end && s + 2 * kStep > s_end) {  // one last single step
+                AVec xv[NIn][kN];
+                for (int q = 0; q < NIn; ++q) IO::load(in[q] + base + s, xv[q]);
+                for (int v = 0; v < kN; ++v) {
+                  AVec xs[NIn];
+                  for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
+                  acc_fn(xs, vpar, a1[v], a2[v]);
+                }
+                s += kStep;
+              }
+              for (int u = 1; u < kA; ++u) {
+                a1[0] = a1[0] + a1[u];
+                a2[0] = a2[0] + a2[u];
+              }
+              add_lanes_to_double(a1[0], d1);
+              add_lanes_to_double(a2[0], d2);
+            }
+            for (; s < s_end; ++s) {
+              double xs[NIn];
+              for (int q = 0; q < NIn; ++q) xs[q] = static_cast<double>(static_cast<acc_t>(in[q][base + s]));
+              acc_fn(xs, dpar, t1, t2);
             }
           }
-          for (; s + kStep <= s_end; s += kStep) {
-            AVec xv[NIn][kN];
-            for (int q = 0; q < NIn; ++q) IO::load(in[q] + base + s, xv[q]);
-            for (int v = 0; v < kN; ++v) {
-              AVec xs[NIn];
-              for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
-              red.accum(xs, vpar, a1[v], a2[v]);
-            }
+          r1 = 0.0;
+          r2 = 0.0;
+          for (int64_t l = 0; l < W; ++l) {
+            r1 += d1[l];
+            r2 += d2[l];
           }
-          for (; s < s_end; ++s) {
-            acc_t xs[NIn];
-            for (int q = 0; q < NIn; ++q) xs[q] = static_cast<acc_t>(in[q][base + s]);
-            red.accum(xs, par, t1, t2);
-          }
+          r1 += t1;
+          r2 += t2;
+        };
+        acc_t par;
+        double s1, s2;
+        int64_t prefetch = 0;
+        if constexpr (Red::kCentered) {
+          sweep(sum_of_input0, acc_t(0), 0, s1, s2);
+          par = static_cast<acc_t>(s1 / static_cast<double>(count));
+          // The second sweep reads the chunk from cache: meanwhile, prefetch the next task's chunk
+          // (the same offsets one plane, or one piece, further on).
+          prefetch = t + 1 < end ? (plan.pieces == 1 ? S : plan.piece) : 0;
+        } else {
+          par = red.param(c);
         }
-        for (int u = 1; u < kA; ++u) {
-          a1[0] = a1[0] + a1[u];
-          a2[0] = a2[0] + a2[u];
-        }
-        alignas(64) acc_t l1[W], l2[W];
-        a1[0].store(l1);
-        a2[0].store(l2);
-        acc_t s1 = acc_t(0), s2 = acc_t(0);
-        for (int64_t l = 0; l < W; ++l) {
-          s1 += l1[l];
-          s2 += l2[l];
-        }
-        red.finish((n1 - n0) * (s_end - s0), par, s1 + t1, s2 + t2, p1[j * C + c], p2[j * C + c]);
+        sweep(red_accum, par, prefetch, s1, s2);
+        red.finish(count, par, s1, s2, p1[j * C + c], p2[j * C + c]);
       }
     });
     return;
@@ -405,45 +561,123 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
   const int64_t tasks = plan.row_blocks * plan.chan_blocks;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(std::min(rows, M) * Cb, 1));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    // Per-channel accumulators of one chunk, padded to whole steps (kStep divides kNhwcChannels).
-    static_assert(kNhwcChannels % kStep == 0, "channel blocks are whole steps");
-    alignas(64) acc_t par[kNhwcChannels], a1[kNhwcChannels], a2[kNhwcChannels];
+    // Per-channel accumulators of one chunk, padded to whole channel groups (see kGroupSteps
+    // below; a group is a whole number of steps): one allocation per thread.
+    constexpr int64_t kGroup = (kN == 1 ? 4 : 2) * kStep;
+    const int64_t cmax = (std::min(C, Cb) + kGroup - 1) / kGroup * kGroup;
+    std::unique_ptr<acc_t[]> acc_buf(new acc_t[static_cast<size_t>(3 * cmax)]);
+    std::unique_ptr<double[]> dbl_buf(new double[static_cast<size_t>(2 * cmax)]);
+    acc_t* const par = acc_buf.get();
+    acc_t* const a1 = par + cmax;
+    acc_t* const a2 = a1 + cmax;
+    double* const d1 = dbl_buf.get();
+    double* const d2 = d1 + cmax;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t / plan.chan_blocks;
       const int64_t c0 = (t % plan.chan_blocks) * Cb, c1 = std::min(C, c0 + Cb);
       const int64_t r0 = j * rows, r1 = std::min(M, r0 + rows);
       const int64_t cn = c1 - c0;
       const int64_t cpad = (cn + kStep - 1) / kStep * kStep;
-      for (int64_t c = 0; c < cpad; ++c) {
-        par[c] = c < cn ? red.param(c0 + c, r0 * C + c0 + c) : acc_t(0);
-        a1[c] = acc_t(0);
-        a2[c] = acc_t(0);
-      }
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t base = r * C + c0;
-        for (int64_t cv = 0; cv < cn; cv += kStep) {
-          const int64_t n = std::min(kStep, cn - cv);
-          AVec xv[NIn][kN];
-          for (int q = 0; q < NIn; ++q) {
-            if (n == kStep) {
-              IO::load(in[q] + base + cv, xv[q]);
-            } else {
-              IO::load(in[q] + base + cv, n, xv[q]);  // zero-filled lanes land in the padding
+      // Loads the step at channel offset cv of row r (partial at the channel tail: zero-filled
+      // lanes land in the padding).
+      const auto load_step = [&](int q, int64_t r, int64_t cv, AVec* xv) {
+        const int64_t n = std::min(kStep, cn - cv);
+        if (n == kStep) {
+          IO::load(in[q] + r * C + c0 + cv, xv);
+        } else {
+          IO::load(in[q] + r * C + c0 + cv, n, xv);
+        }
+      };
+      if constexpr (Red::kCentered) {
+        static_assert(NIn == 1, "centered reductions read one input");
+        // Two-pass over L1-sized blocks of rows: the block's per-channel mean K (first pass,
+        // row by row, the only pass that reads memory), then the sums of x - K and (x - K)^2
+        // (second pass from L1, channel group by channel group with the accumulators in
+        // registers); the block's (mean, M2) is merged into the chunk's (d1, d2) with Chan's
+        // formula (the counts are the same for every channel: a plain loop over channels).
+        const int64_t sub = std::clamp<int64_t>(kNhwcSubBlock / cpad, 1, kFlush);
+        std::fill(d1, d1 + cpad, 0.0);
+        std::fill(d2, d2 + cpad, 0.0);
+        double n_acc = 0.0;
+        for (int64_t ra = r0; ra < r1; ra += sub) {
+          const int64_t rb = std::min(r1, ra + sub);
+          const double nb = static_cast<double>(rb - ra);
+          std::fill(a1, a1 + cpad, acc_t(0));
+          for (int64_t r = ra; r < rb; ++r) {
+            for (int64_t cv = 0; cv < cn; cv += kStep) {
+              AVec xv[kN];
+              load_step(0, r, cv, xv);
+              for (int v = 0; v < kN; ++v) (AVec::loadu(a1 + cv + v * W) + xv[v]).store(a1 + cv + v * W);
             }
           }
-          for (int v = 0; v < kN; ++v) {
-            AVec xs[NIn];
-            for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
-            const int64_t o = cv + v * W;
-            AVec s1 = AVec::loadu(a1 + o), s2 = AVec::loadu(a2 + o);
-            red.accum(xs, AVec::loadu(par + o), s1, s2);
-            s1.store(a1 + o);
-            s2.store(a2 + o);
+          for (int64_t c = 0; c < cpad; ++c) par[c] = static_cast<acc_t>(static_cast<double>(a1[c]) / nb);
+          constexpr int kGroupSteps = kGroup / kStep;  // 4 vector accumulator pairs per group
+          for (int64_t g0 = 0; g0 < cn; g0 += kGroupSteps * kStep) {
+            AVec P[kGroupSteps * kN], A1[kGroupSteps * kN], A2[kGroupSteps * kN];
+            for (int k = 0; k < kGroupSteps * kN; ++k) {
+              P[k] = AVec::loadu(par + g0 + k * W);  // within the arrays: cmax is whole groups
+              A1[k] = AVec(acc_t(0));
+              A2[k] = AVec(acc_t(0));
+            }
+            for (int64_t r = ra; r < rb; ++r) {
+              for (int k = 0; k < kGroupSteps; ++k) {
+                if (g0 + k * kStep >= cn) break;
+                AVec xv[kN];
+                load_step(0, r, g0 + k * kStep, xv);
+                for (int v = 0; v < kN; ++v) red.accum(&xv[v], P[k * kN + v], A1[k * kN + v], A2[k * kN + v]);
+              }
+            }
+            for (int k = 0; k < kGroupSteps * kN; ++k) {
+              if (g0 + k * W >= cpad) break;
+              A1[k].store(a1 + g0 + k * W);
+              A2[k].store(a2 + g0 + k * W);
+            }
+          }
+          const double wb = nb / (n_acc + nb), na_wb = n_acc * wb;
+          for (int64_t c = 0; c < cpad; ++c) {
+            const double s1 = static_cast<double>(a1[c]), s2 = static_cast<double>(a2[c]);
+            const double dm = s1 / nb;
+            rm::stats_merge_weighted(d1[c], d2[c], static_cast<double>(par[c]) + dm, std::max(s2 - s1 * dm, 0.0),
+                                     wb, na_wb);
+          }
+          n_acc += nb;
+        }
+        for (int64_t c = 0; c < cn; ++c) {
+          p1[j * C + c0 + c] = d1[c];
+          p2[j * C + c0 + c] = d2[c];
+        }
+      } else {
+        // One pass, row by row, per-channel acc_t accumulators in L1 added into double (d1, d2)
+        // every kFlush rows.
+        for (int64_t c = 0; c < cpad; ++c) par[c] = c < cn ? red.param(c0 + c) : acc_t(0);
+        std::fill(d1, d1 + cpad, 0.0);
+        std::fill(d2, d2 + cpad, 0.0);
+        for (int64_t ra = r0; ra < r1; ra += kFlush) {
+          std::fill(a1, a1 + cpad, acc_t(0));
+          std::fill(a2, a2 + cpad, acc_t(0));
+          for (int64_t r = ra; r < std::min(r1, ra + kFlush); ++r) {
+            for (int64_t cv = 0; cv < cn; cv += kStep) {
+              AVec xv[NIn][kN];
+              for (int q = 0; q < NIn; ++q) load_step(q, r, cv, xv[q]);
+              for (int v = 0; v < kN; ++v) {
+                AVec xs[NIn];
+                for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
+                const int64_t o = cv + v * W;
+                AVec s1 = AVec::loadu(a1 + o), s2 = AVec::loadu(a2 + o);
+                red.accum(xs, AVec::loadu(par + o), s1, s2);
+                s1.store(a1 + o);
+                s2.store(a2 + o);
+              }
+            }
+          }
+          for (int64_t c = 0; c < cpad; ++c) {
+            d1[c] += static_cast<double>(a1[c]);
+            d2[c] += static_cast<double>(a2[c]);
           }
         }
-      }
-      for (int64_t c = 0; c < cn; ++c) {
-        red.finish(r1 - r0, par[c], a1[c], a2[c], p1[j * C + c0 + c], p2[j * C + c0 + c]);
+        for (int64_t c = 0; c < cn; ++c) {
+          red.finish(r1 - r0, par[c], d1[c], d2[c], p1[j * C + c0 + c], p2[j * C + c0 + c]);
+        }
       }
     }
   });
@@ -466,23 +700,22 @@ constexpr int64_t kMergeBlock = 256;
 // ---------------------------------------------------------------------------------------------
 // bn_stats
 // ---------------------------------------------------------------------------------------------
+// Per chunk: the chunk's mean K (first sweep), then sums of d = x - K and d^2 (second sweep, from
+// cache): the corrected two-pass algorithm, robust to outliers anywhere in the chunk. The
+// (mean, M2) partials are merged with Chan's formula.
 template <typename scalar_t>
 struct StatsRed {
   using acc_t = typename Vio<scalar_t>::acc_t;
-  const scalar_t* x;
-  // Shift: the chunk's first element of the channel.
-  acc_t param(int64_t, int64_t i) const {
-    return static_cast<acc_t>(x[i]);
-  }
+  static constexpr bool kCentered = true;
   template <typename T>
   void accum(const T* xs, const T& shift, T& s1, T& s2) const {
     const T d = xs[0] - shift;
     s1 = s1 + d;
     s2 = s2 + d * d;
   }
-  void finish(int64_t n, acc_t shift, acc_t s1, acc_t s2, double& mean, double& m2) const {
-    const rm::StatsPartial<double> p = rm::stats_from_shifted_sums<double>(
-        static_cast<double>(n), static_cast<double>(shift), static_cast<double>(s1), static_cast<double>(s2));
+  void finish(int64_t n, acc_t shift, double s1, double s2, double& mean, double& m2) const {
+    const rm::StatsPartial<double> p =
+        rm::stats_from_shifted_sums<double>(static_cast<double>(n), static_cast<double>(shift), s1, s2);
     mean = p.mean;
     m2 = p.m2;
   }
@@ -504,7 +737,7 @@ void bn_stats_kernel(const StatsArgs& a) {
     }
     const scalar_t* x = static_cast<const scalar_t*>(a.input);
     Partials parts(plan.chunks * C);
-    chunked_reduce<1, scalar_t>(plan, {x}, StatsRed<scalar_t>{x}, parts.p1, parts.p2);
+    chunked_reduce<1, scalar_t>(plan, {x}, StatsRed<scalar_t>{}, parts.p1, parts.p2);
     // Chan merges in chunk order, vectorizable across the channels of a block.
     at::parallel_for(0, C, kMergeBlock, [&](int64_t begin, int64_t end) {
       alignas(64) double m[kMergeBlock], q[kMergeBlock];
@@ -579,8 +812,9 @@ void bn_apply_kernel(const ApplyArgs& a) {
 template <bool kRelu, typename scalar_t>
 struct BackwardRed {
   using acc_t = typename Vio<scalar_t>::acc_t;
+  static constexpr bool kCentered = false;
   const acc_t* mean;
-  acc_t param(int64_t c, int64_t) const {
+  acc_t param(int64_t c) const {
     return mean[c];
   }
   template <typename T>
@@ -590,9 +824,9 @@ struct BackwardRed {
     s1 = s1 + g;
     s2 = s2 + g * (xs[1] - m);
   }
-  void finish(int64_t, acc_t, acc_t s1, acc_t s2, double& o1, double& o2) const {
-    o1 = static_cast<double>(s1);
-    o2 = static_cast<double>(s2);
+  void finish(int64_t, acc_t, double s1, double s2, double& o1, double& o2) const {
+    o1 = s1;
+    o2 = s2;
   }
 };
 
