@@ -20,7 +20,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.fl
 # Odd sizes, batch 1, rank 2/3/5, one element per (n, c), and shapes that span several reduction
 # chunks (csrc/cpu/bn_kernels_impl.h, Plan) in both layouts: NCHW planes over 16384 elements cut in
 # pieces, short planes grouped by about 4096 elements (more than one group); channels last: more
-# than 1024 rows at C=64, more than 256 channels (two channel blocks), channel counts that are not
+# than 1024 rows at C=64, more than 2048 channels (two channel blocks), channel counts that are not
 # whole vectors (tails).
 SHAPES = [
     (3, 5, 7, 9),
@@ -36,6 +36,7 @@ SHAPES = [
     (3, 70, 11, 13),
     (4, 64, 20, 20),
     (2, 300, 3, 5),
+    (2, 2100, 3, 3),
 ]
 
 
@@ -382,6 +383,28 @@ def test_bn_stats_large_mean(shape, channels_last):
     true_mean, true_var = reference.bn_stats(x.double())  # exact statistics of the float32 data
     assert rel_err(var, true_var) <= 1e-4
     assert rel_err(mean, true_mean) <= 1e-6
+
+
+@pytest.mark.parametrize("spike", [10.0, 1e3])
+@pytest.mark.parametrize("shape,channels_last", [((4, 64, 16, 16), False), ((4, 64, 16, 16), True),
+                                                 ((8, 256, 28, 28), True), ((3, 5, 130, 131), False)])
+def test_bn_stats_outliers_anywhere(shape, channels_last, spike):
+    """One large value at the first element of every plane and of every block of rows (where a
+    sample-shifted sum would take its shift from), and a few elsewhere: statistics stay within
+    float32 rounding of the exact ones (float64 of the same data)."""
+    g = gen(15)
+    x = torch.relu(torch.randn(shape, generator=g, dtype=torch.float64)) + 3.0
+    x[:, :, 0, 0] += spike
+    flat = x.movedim(1, -1).reshape(-1, shape[1]) if channels_last else None
+    if channels_last:
+        flat[::16] += spike  # the first row of every block of 16 rows, every channel
+        x = flat.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    x[..., 5, 7] -= spike / 2
+    x = to_layout(x.float(), channels_last)
+    mean, var = OPS.bn_stats(x)
+    true_mean, true_var = reference.bn_stats(x.double())
+    assert rel_err(mean, true_mean) <= 1e-6
+    assert rel_err(var, true_var) <= 1e-6
 
 
 def _reductions(x, grad, out, mean):

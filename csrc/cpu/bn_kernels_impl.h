@@ -20,17 +20,21 @@
 // Layouts, without copies: NCHW ([N, C, S]): vector loops along each (n, c) plane with per-channel
 // scalars broadcast; channels last ([M, C]): vector loops along the channels of each row with
 // per-channel vectors (padded copies of the coefficients; per-chunk per-channel accumulators in L1).
-// Allocations: a padded coefficient copy and a partials buffer, once per call, never in a loop.
+// Allocations: a padded coefficient copy and a partials buffer per call, per-channel accumulator
+// arrays per thread (channels last); never in a loop.
 // float32/float16/bfloat16 compute in float (16-bit types are converted to two float vectors),
 // float64 in double. All indexing is int64.
 //
 // Reductions are deterministic whatever the thread count: the work is cut into chunks that depend
 // only on the shape (Plan), each chunk is reduced by one thread in a fixed order
 // (vector lanes, then the lanes summed in order, then a scalar tail), the chunk partials go to a
-// [chunks, C] buffer in double, and each channel's partials are merged in chunk order. Statistics
-// are two-pass per chunk (the chunk's mean, then the sums of deviations from it, the second sweep
-// reading the chunk from cache) turned into (mean, M2) partials and merged with Chan's formula: no
-// catastrophic cancellation for large means or for outliers, wherever they sit.
+// [chunks, C] buffer in double, and each channel's partials are merged in chunk order. Float sums
+// never run over more than a few dozen elements: they are added into double every kFlush steps.
+// Statistics are two-pass over cache-resident pieces (NCHW: the chunk; channels last: L1-sized
+// blocks of rows, merged with Chan's formula): their mean, then the sums of the deviations from it
+// (read from cache; the next piece is prefetched meanwhile, so memory is read once and stays
+// busy), turned into (mean, M2) partials and merged with Chan's formula: no catastrophic
+// cancellation for large means or for outliers, wherever they sit.
 // Results may differ in the last bits between capabilities (vector widths, FMA), not between runs.
 
 #ifndef CPU_CAPABILITY
@@ -47,7 +51,6 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <tuple>
@@ -383,7 +386,7 @@ constexpr int64_t kNhwcMinRows = 16;
 // last: rows), so that no float sum runs over more than a handful of elements.
 constexpr int kFlush = 32;
 // Channels-last statistics: two passes over blocks of rows of about this many elements (in L1).
-constexpr int64_t kNhwcSubBlock = 4096;
+constexpr int64_t kNhwcSubBlock = 16384;
 
 struct Plan {
   bool channels_last = false;
@@ -578,16 +581,6 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
       const int64_t r0 = j * rows, r1 = std::min(M, r0 + rows);
       const int64_t cn = c1 - c0;
       const int64_t cpad = (cn + kStep - 1) / kStep * kStep;
-      // Loads the step at channel offset cv of row r (partial at the channel tail: zero-filled
-      // lanes land in the padding).
-      const auto load_step = [&](int q, int64_t r, int64_t cv, AVec* xv) {
-        const int64_t n = std::min(kStep, cn - cv);
-        if (n == kStep) {
-          IO::load(in[q] + r * C + c0 + cv, xv);
-        } else {
-          IO::load(in[q] + r * C + c0 + cv, n, xv);
-        }
-      };
       if constexpr (Red::kCentered) {
         static_assert(NIn == 1, "centered reductions read one input");
         // Two-pass over L1-sized blocks of rows: the block's per-channel mean K (first pass,
@@ -596,6 +589,8 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
         // registers); the block's (mean, M2) is merged into the chunk's (d1, d2) with Chan's
         // formula (the counts are the same for every channel: a plain loop over channels).
         const int64_t sub = std::clamp<int64_t>(kNhwcSubBlock / cpad, 1, kFlush);
+        // Rows that may be prefetched: this chunk's, and the next task's when they follow.
+        const int64_t prefetch_end = (plan.chan_blocks == 1 && t + 1 < end) ? std::min(M, r1 + rows) : r1;
         std::fill(d1, d1 + cpad, 0.0);
         std::fill(d2, d2 + cpad, 0.0);
         double n_acc = 0.0;
@@ -603,36 +598,67 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
           const int64_t rb = std::min(r1, ra + sub);
           const double nb = static_cast<double>(rb - ra);
           std::fill(a1, a1 + cpad, acc_t(0));
-          for (int64_t r = ra; r < rb; ++r) {
-            for (int64_t cv = 0; cv < cn; cv += kStep) {
-              AVec xv[kN];
-              load_step(0, r, cv, xv);
-              for (int v = 0; v < kN; ++v) (AVec::loadu(a1 + cv + v * W) + xv[v]).store(a1 + cv + v * W);
+          {
+            // Local copies: the stores to a1 must not make the compiler reload these.
+            const scalar_t* const x0 = in[0] + c0;
+            const int64_t ld = C, n_full = cn / kStep * kStep, n_tail = cn - n_full;
+            acc_t* const acc = a1;
+            // The same rows of the next block (prefetched here, read after this block's second
+            // pass): keeps memory busy while the second pass computes from cache.
+            const int64_t ahead = (rb + (rb - ra) <= prefetch_end) ? (rb - ra) * ld : 0;
+            for (int64_t r = ra; r < rb; ++r) {
+              const scalar_t* const row = x0 + r * ld;
+              if (ahead != 0) {
+                for (int64_t b = 0; b < cn * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+                  __builtin_prefetch(reinterpret_cast<const char*>(row + ahead) + b, 0, 2);
+                }
+              }
+              for (int64_t cv = 0; cv < n_full; cv += kStep) {
+                AVec xv[kN];
+                IO::load(row + cv, xv);
+                for (int v = 0; v < kN; ++v) (AVec::loadu(acc + cv + v * W) + xv[v]).store(acc + cv + v * W);
+              }
+              if (n_tail != 0) {
+                AVec xv[kN];
+                IO::load(row + n_full, n_tail, xv);
+                for (int v = 0; v < kN; ++v) (AVec::loadu(acc + n_full + v * W) + xv[v]).store(acc + n_full + v * W);
+              }
             }
           }
           for (int64_t c = 0; c < cpad; ++c) par[c] = static_cast<acc_t>(static_cast<double>(a1[c]) / nb);
           constexpr int kGroupSteps = kGroup / kStep;  // 4 vector accumulator pairs per group
-          for (int64_t g0 = 0; g0 < cn; g0 += kGroupSteps * kStep) {
-            AVec P[kGroupSteps * kN], A1[kGroupSteps * kN], A2[kGroupSteps * kN];
-            for (int k = 0; k < kGroupSteps * kN; ++k) {
+          constexpr int kGV = kGroupSteps * kN;
+          // One channel group [g0, g0 + kGroup) over the block's rows; kFull: every step of the
+          // group is inside the channel block (no partial loads, fully unrolled).
+          const auto group = [&](auto full_c, int64_t g0) {
+            constexpr bool kFull = decltype(full_c)::value;
+            AVec P[kGV], A1[kGV], A2[kGV];
+            for (int k = 0; k < kGV; ++k) {
               P[k] = AVec::loadu(par + g0 + k * W);  // within the arrays: cmax is whole groups
               A1[k] = AVec(acc_t(0));
               A2[k] = AVec(acc_t(0));
             }
             for (int64_t r = ra; r < rb; ++r) {
+              const scalar_t* row = in[0] + r * C + c0 + g0;
               for (int k = 0; k < kGroupSteps; ++k) {
-                if (g0 + k * kStep >= cn) break;
                 AVec xv[kN];
-                load_step(0, r, g0 + k * kStep, xv);
+                if constexpr (kFull) {
+                  IO::load(row + k * kStep, xv);
+                } else {
+                  const int64_t n = std::clamp<int64_t>(cn - g0 - k * kStep, 0, kStep);
+                  IO::load(row + k * kStep, n, xv);  // n == 0: nothing read, all lanes zero
+                }
                 for (int v = 0; v < kN; ++v) red.accum(&xv[v], P[k * kN + v], A1[k * kN + v], A2[k * kN + v]);
               }
             }
-            for (int k = 0; k < kGroupSteps * kN; ++k) {
-              if (g0 + k * W >= cpad) break;
+            for (int k = 0; k < kGV; ++k) {
               A1[k].store(a1 + g0 + k * W);
               A2[k].store(a2 + g0 + k * W);
             }
-          }
+          };
+          int64_t g0 = 0;
+          for (; g0 + kGroup <= cn; g0 += kGroup) group(std::true_type{}, g0);
+          if (g0 < cn) group(std::false_type{}, g0);
           const double wb = nb / (n_acc + nb), na_wb = n_acc * wb;
           for (int64_t c = 0; c < cpad; ++c) {
             const double s1 = static_cast<double>(a1[c]), s2 = static_cast<double>(a2[c]);
@@ -655,20 +681,36 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
         for (int64_t ra = r0; ra < r1; ra += kFlush) {
           std::fill(a1, a1 + cpad, acc_t(0));
           std::fill(a2, a2 + cpad, acc_t(0));
-          for (int64_t r = ra; r < std::min(r1, ra + kFlush); ++r) {
-            for (int64_t cv = 0; cv < cn; cv += kStep) {
-              AVec xv[NIn][kN];
-              for (int q = 0; q < NIn; ++q) load_step(q, r, cv, xv[q]);
-              for (int v = 0; v < kN; ++v) {
-                AVec xs[NIn];
-                for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
-                const int64_t o = cv + v * W;
-                AVec s1 = AVec::loadu(a1 + o), s2 = AVec::loadu(a2 + o);
-                red.accum(xs, AVec::loadu(par + o), s1, s2);
-                s1.store(a1 + o);
-                s2.store(a2 + o);
+          // Local copies: the stores to a1, a2 must not make the compiler reload these.
+          std::array<const scalar_t*, NIn> x0;
+          for (int q = 0; q < NIn; ++q) x0[q] = in[q] + c0;
+          const int64_t ld = C, n_full = cn / kStep * kStep, n_tail = cn - n_full;
+          acc_t* const acc1 = a1;
+          acc_t* const acc2 = a2;
+          const acc_t* const pp = par;
+          const auto step = [&](int64_t off, int64_t cv, int64_t n) {
+            AVec xv[NIn][kN];
+            for (int q = 0; q < NIn; ++q) {
+              if (n == kStep) {
+                IO::load(x0[q] + off + cv, xv[q]);
+              } else {
+                IO::load(x0[q] + off + cv, n, xv[q]);  // zero-filled lanes land in the padding
               }
             }
+            for (int v = 0; v < kN; ++v) {
+              AVec xs[NIn];
+              for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
+              const int64_t o = cv + v * W;
+              AVec s1 = AVec::loadu(acc1 + o), s2 = AVec::loadu(acc2 + o);
+              red.accum(xs, AVec::loadu(pp + o), s1, s2);
+              s1.store(acc1 + o);
+              s2.store(acc2 + o);
+            }
+          };
+          for (int64_t r = ra; r < std::min(r1, ra + kFlush); ++r) {
+            const int64_t off = r * ld;
+            for (int64_t cv = 0; cv < n_full; cv += kStep) step(off, cv, kStep);
+            if (n_tail != 0) step(off, n_full, n_tail);
           }
           for (int64_t c = 0; c < cpad; ++c) {
             d1[c] += static_cast<double>(a1[c]);
