@@ -1,0 +1,77 @@
+"""The GPU memory-traffic model (bench/traffic_model.py): hand counts, shapes, and its ``fused`` plan
+against what the autograd units really launch (counted at the dispatcher)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchvision.models.resnet import conv1x1
+
+import resnet_fused
+from bench import traffic_model as tm
+
+
+def test_hand_counts_basic_block():
+    # a BasicBlock whose tensors all hold S elements: see the pass lists in the module docstring
+    b = tm.BlockShapes("b", 1, [1, 1])
+    train = {p: rule(b) for p, rule in tm.BLOCK_RULES["train"].items()}
+    assert train == {"eager": 32, "fused": 27, "triton": 23, "triton_mask_from_input": 20,
+                     "triton_conv_backward": 16}
+    infer = {p: rule(b) for p, rule in tm.BLOCK_RULES["infer"].items()}
+    assert infer == {"eager": 11, "folded_triton": 1}
+
+
+def test_hand_counts_downsample_bottleneck():
+    # x: 4 elements, inner convs 1 each, last conv and downsample 2 each
+    b = tm.BlockShapes("b", 4, [1, 1, 2], y_ds=2)
+    eager = (5 + 5) + (8 * 2) + 3 * 2 + (8 + 8) + (8 * 2 + 5 * 2) + 3 * 4
+    assert tm.BLOCK_RULES["train"]["eager"](b) == eager
+
+
+def test_shapes_from_resnet18():
+    with torch.device("meta"):
+        import torchvision
+        model = torchvision.models.resnet18()
+    stem, blocks = tm.collect_shapes(model, batch=2, size=64)
+    assert stem.y == 2 * 64 * 32 * 32
+    assert [b.name for b in blocks][:3] == ["layer1.0", "layer1.1", "layer2.0"]
+    l1, l2 = blocks[0], blocks[2]
+    assert (l1.x, l1.ys, l1.y_ds) == (2 * 64 * 16 * 16, [2 * 64 * 16 * 16] * 2, 0)
+    assert (l2.x, l2.ys, l2.y_ds) == (2 * 64 * 16 * 16, [2 * 128 * 8 * 8] * 2, 2 * 128 * 8 * 8)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck_downsample"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_plan_matches_the_units(kind, channels_last):
+    if kind == "basic":
+        block, x = resnet_fused.FusedBasicBlock(16, 16), torch.randn(3, 16, 9, 9)
+    else:
+        ds = torch.nn.Sequential(conv1x1(16, 32, 2), torch.nn.BatchNorm2d(32))
+        block, x = resnet_fused.FusedBottleneck(16, 8, stride=2, downsample=ds), torch.randn(3, 16, 9, 9)
+    if channels_last:
+        block, x = block.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    assert block.fused_supported()
+    measured = tm.measured_elements(block.train(), x)
+    # shapes from a copy: hooks on inner modules send a block down torchvision's unfused path
+    probe, shapes = copy.deepcopy(block), {}
+    for c in ("conv1", "conv2", "conv3"):
+        if hasattr(probe, c):
+            getattr(probe, c).register_forward_hook(lambda m, i, o, c=c: shapes.__setitem__(c, o.numel()))
+    if probe.downsample is not None:
+        probe.downsample[0].register_forward_hook(lambda m, i, o: shapes.__setitem__("ds", o.numel()))
+    probe(x)
+    ys = [shapes[c] for c in ("conv1", "conv2", "conv3") if c in shapes]
+    modelled = tm.BLOCK_RULES["train"]["fused"](tm.BlockShapes("b", x.numel(), ys, shapes.get("ds", 0)))
+    assert measured == modelled
+
+
+def test_cli_prints_model_ratios(capsys):
+    assert tm.main(["--model", "resnet18", "--batch", "2", "--size", "64", "--mode", "both"]) == 0
+    out = capsys.readouterr().out
+    assert "triton_conv_backward" in out and "folded_triton" in out and "model" in out
+
+
+def test_unknown_model_is_an_error():
+    with pytest.raises(ValueError, match="unknown torchvision ResNet"):
+        tm.traffic("vgg11", 2, 64, "train")
