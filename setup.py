@@ -219,7 +219,10 @@ def make_extension():
     extra_link_args = ["-fopenmp", "-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if WITH_CUDA:
-        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        # Kernels (*.cu, nvcc) and the ops' host side (*.cpp, the C++ compiler: faster, and nvcc
+        # never parses the ATen operator headers).
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
+                        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         cxx.append("-DRESNET_FUSED_WITH_CUDA")
         extra_compile_args["nvcc"] = ["-O3", "-DRESNET_FUSED_WITH_CUDA"] + defines
         ext = CUDAExtension(
