@@ -391,6 +391,29 @@ def test_runs_on_the_current_stream():
     check(mean, reference.bn_stats(x.cpu())[0], torch.float32)
 
 
+@pytest.mark.cuda
+@needs_cuda_ops
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_on_cuda(dtype, channels_last):
+    from test_ops import _op_calls, _op_samples  # the CPU opcheck cases, moved to the GPU
+
+    s = {k: v.cuda() for k, v in _op_samples(dtype, channels_last).items()}
+    for op, args in _op_calls(s):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.cuda
+@needs_cuda_ops
+def test_gradcheck_through_the_cuda_backend():
+    y = (torch.randn(2, 3, 3, 4, dtype=torch.float64, device="cuda") + 3).requires_grad_()
+    res = torch.randn_like(y, requires_grad=True)
+    vs = [(torch.rand(3, dtype=torch.float64, device="cuda") + 0.5).requires_grad_() for _ in range(4)]
+    with resnet_fused.use_backend("cuda"):
+        assert torch.autograd.gradcheck(rf_ops.bn_stats, (y,))
+        assert torch.autograd.gradcheck(lambda *a: rf_ops.bn_apply(*a, relu=True), (y, *vs[:2], res, *vs[2:]))
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: mixed devices are clear errors before any kernel runs
 # ------------------------------------------------------------------------------------------------
