@@ -5,9 +5,11 @@ an isolated build could fetch another torch and produce an extension that does n
 installed one.
 
 * C++ CPU sources (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are always compiled.
-* CUDA sources (``csrc/cuda/*.cu``) are compiled when torch is a CUDA build and a CUDA toolkit (nvcc)
-  is found. ``RESNET_FUSED_SKIP_CUDA=1`` skips them; ``RESNET_FUSED_FORCE_CUDA=1`` requires them
-  (the build fails if that is impossible).
+* CUDA sources (``csrc/cuda/*.cu`` by nvcc, ``csrc/cuda/*.cpp`` by the C++ compiler) are compiled
+  when torch is a CUDA build and a CUDA toolkit (nvcc) is found. ``RESNET_FUSED_SKIP_CUDA=1`` skips
+  them; ``RESNET_FUSED_FORCE_CUDA=1`` requires them (the build fails if that is impossible). They are
+  part of the one extension: a CUDA compile error fails the build, never a silent CPU-only fallback;
+  and tests/test_cuda_ops.py fails a CPU-only build made where nvcc and a CUDA torch are present.
 * The toolkit root is found from the *real* nvcc: ``$CUDA_HOME``/``$CUDA_PATH`` when set, else the
   ``nvcc`` on PATH with symlinks resolved and shell-script shims (``exec /path/to/nvcc "$@"``) followed,
   else ``/usr/local/cuda*``. It is exported as ``CUDA_HOME`` before ``torch.utils.cpp_extension`` is
@@ -219,7 +221,10 @@ def make_extension():
     extra_link_args = ["-fopenmp", "-Wl,-rpath,$ORIGIN/../torch/lib", f"-Wl,-rpath,{torch_lib}"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if WITH_CUDA:
-        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        # Kernels (*.cu, nvcc) and the ops' host side (*.cpp, the C++ compiler: faster, and nvcc
+        # never parses the ATen operator headers).
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
+                        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         cxx.append("-DRESNET_FUSED_WITH_CUDA")
         extra_compile_args["nvcc"] = ["-O3", "-DRESNET_FUSED_WITH_CUDA"] + defines
         ext = CUDAExtension(

@@ -2,9 +2,8 @@
 //
 // Importing `resnet_fused._C` loads this library, which registers the schemas below (TORCH_LIBRARY)
 // and the CPU kernels (csrc/cpu, TORCH_LIBRARY_IMPL; compiled once per CPU capability, the one torch
-// runs is used: build_info() says which). CUDA kernels are a later issue: the CUDA
-// sources are compiled (when a toolkit is found) but register nothing yet. The semantics are those of
-// resnet_fused/reference.py.
+// runs is used: build_info() says which) and, in a CUDA build, the CUDA kernels (csrc/cuda,
+// TORCH_LIBRARY_IMPL for the CUDA key). The semantics are those of resnet_fused/reference.py.
 
 // Light includes on purpose (torch/extension.h would double this file's compile time): the module
 // only returns a dict, so plain pybind11 is enough.
@@ -21,13 +20,7 @@
 #endif
 
 #ifdef RESNET_FUSED_WITH_CUDA
-namespace resnet_fused {
-namespace cuda {
-// Defined in csrc/cuda/bn_cuda.cu (compiled by nvcc).
-const char* compiled_cuda_version();
-bool cuda_compiled();
-}  // namespace cuda
-}  // namespace resnet_fused
+#include "cuda/bn_cuda.h"
 #endif
 
 TORCH_LIBRARY(resnet_fused, m) {
@@ -51,12 +44,13 @@ pybind11::dict build_info() {
 #ifdef RESNET_FUSED_WITH_CUDA
   info["cuda"] = resnet_fused::cuda::cuda_compiled();
   info["cuda_version"] = std::string(resnet_fused::cuda::compiled_cuda_version());
+  // The ops' CUDA kernels, registered for the CUDA dispatch key (csrc/cuda/bn_cuda_ops.cpp).
+  info["cuda_ops"] = resnet_fused::cuda::cuda_ops_compiled();
 #else
   info["cuda"] = false;
   info["cuda_version"] = pybind11::none();
-#endif
-  // CUDA kernels registered for the ops' CUDA dispatch key (a later issue): none yet.
   info["cuda_ops"] = false;
+#endif
   // CPU kernels: compiled once per CPU capability; the one torch itself runs is used.
   const std::string compiled = resnet_fused::cpu::compiled_capabilities();
   pybind11::list caps;

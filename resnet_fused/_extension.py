@@ -54,7 +54,7 @@ def cpp_available() -> bool:
 
 
 def cuda_kernels_available() -> bool:
-    """CUDA kernels compiled in *and* registered for the ops (the CUDA kernels are a later issue)."""
+    """CUDA kernels compiled in and registered for the ops' CUDA dispatch key (a CUDA build)."""
     return _CUDA_OPS
 
 

@@ -22,7 +22,7 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 _AUTO_PRIORITY = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 _DTYPES = {
     "cpu": (torch.float32, torch.float64, torch.bfloat16),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
 
@@ -65,8 +65,8 @@ def _unavailable_reason(name: str, device_type: str, dtype: Optional[torch.dtype
         if device_type != "cuda":
             return f"backend 'cuda' runs CUDA tensors only, got a {device_type} tensor"
         if not _extension.cuda_kernels_available():
-            return ("backend 'cuda' has no CUDA kernels in this build (the CUDA kernels are not "
-                    "written yet, or the extension was built without CUDA)")
+            return ("backend 'cuda' has no CUDA kernels in this build (the extension was built without "
+                    "CUDA: no nvcc or a CPU-only torch at build time, or RESNET_FUSED_SKIP_CUDA=1)")
     elif name == "triton":
         if device_type == "cpu" and not _triton_interpreted():
             return "backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1"
