@@ -27,8 +27,10 @@ memory, gives contiguous weight loads too).
 Numerics. float32/float16/bfloat16 storage, float32 accumulation and epilogue. float32 dots follow
 the cuDNN convolution setting they replace (``torch.backends.cudnn.conv.fp32_precision``): "ieee"
 there gives full float32 dots (parity <= 1e-5), tf32 (torch's default for convs) gives tf32 dots.
-Under ``TRITON_INTERPRET=1``, ``tl.dot`` on bfloat16 is silently wrong (numpy has no bfloat16), so
-reduced-precision operands are cast to float32 before the dot there (``UPCAST``).
+Under ``TRITON_INTERPRET=1`` bfloat16 is emulated (numpy has no bfloat16: the interpreter keeps the
+bits in uint16): ``tl.dot`` on it is silently wrong, so the operands are cast to float32 before the
+dot (``UPCAST``), and its float32->bfloat16 cast truncates instead of rounding to nearest, so the
+kernel stores float32 and torch rounds the output. float16 runs its real path there.
 
 Launch configurations: a small table per shape class (:data:`GPU_CONFIGS`), autotuned with
 ``triton.autotune`` on a GPU; under the interpreter each class has exactly one config
@@ -290,6 +292,9 @@ def conv2d_bias_act(input: Tensor, weight: Tensor, scale: Optional[Tensor], shif
     out = empty_output(input, geo)
     if out.numel() == 0:
         return out
+    emulated_bf16 = INTERPRETED and input.dtype == torch.bfloat16
+    if emulated_bf16:  # stored in float32, rounded by torch below (the interpreter's cast truncates)
+        out = out.float()
     x = input.contiguous(memory_format=torch.channels_last)
     c_in_g, c_out_g = geo.c_in // geo.groups, geo.c_out // geo.groups
     m = geo.n * geo.oh * geo.ow
@@ -312,5 +317,5 @@ def conv2d_bias_act(input: Tensor, weight: Tensor, scale: Optional[Tensor], shif
             *x.stride(), *weight.stride(), *res.stride(),
             *geo.stride, *geo.padding, *geo.dilation,
             KW=geo.kw, HAS_SCALE=has_scale, HAS_SHIFT=has_shift, HAS_RESIDUAL=has_res, RELU=bool(relu),
-            UPCAST=INTERPRETED and input.dtype != torch.float32, INPUT_PRECISION=precision)
-    return out
+            UPCAST=emulated_bf16, INPUT_PRECISION=precision)
+    return out.to(input.dtype) if emulated_bf16 else out
