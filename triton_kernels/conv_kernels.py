@@ -300,11 +300,13 @@ def conv2d_bias_act(input: Tensor, weight: Tensor, scale: Optional[Tensor], shif
     m = geo.n * geo.oh * geo.ow
     k_total = c_in_g * geo.kh * geo.kw
     has_scale, has_shift, has_res = scale is not None, shift is not None, residual is not None
-    # unused pointers get a real tensor (never read: the constexpr switch removes the load)
-    scale_t = scale.contiguous() if has_scale else out
-    shift_t = shift.contiguous() if has_shift else out
-    res = residual if has_res else out
-    precision = fp32_input_precision(input.device) if input.dtype == torch.float32 else "ieee"
+    # unused pointers get an input tensor (never read: the constexpr switch removes the load); not
+    # the output, so that no argument aliases the one the kernel writes (torch.compile's analysis)
+    scale_t = scale.contiguous() if has_scale else weight
+    shift_t = shift.contiguous() if has_shift else weight
+    res = residual if has_res else x
+    # only float32 operands read it; others keep Triton's default
+    precision = fp32_input_precision(input.device) if input.dtype == torch.float32 else "tf32"
     kernel = TUNED_KERNELS[shape_class(m, c_out_g)]
 
     def grid(meta):

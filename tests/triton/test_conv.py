@@ -327,3 +327,16 @@ def test_conv_torch_compile_through_triton_op_gpu(CK, ieee_fp32):
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)(x, w, sc, sh, res)
     assert rel_err(compiled, eager) <= TOL_OUT and compiled.stride() == eager.stride()
+
+
+@pytest.mark.parametrize("setting", ["ieee", "tf32"])
+def test_fp32_dot_precision_follows_cudnn_conv_setting(CK, setting):
+    """float32 dots are as precise as the cuDNN convs they replace (read from torch's flags; under
+    the interpreter CPU tensors always get full float32)."""
+    previous = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = setting
+    try:
+        assert CK.fp32_input_precision(torch.device("cuda")) == setting
+        assert CK.fp32_input_precision(torch.device("cpu")) == "ieee"
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = previous
