@@ -340,3 +340,15 @@ def test_fp32_dot_precision_follows_cudnn_conv_setting(CK, setting):
         assert CK.fp32_input_precision(torch.device("cpu")) == "ieee"
     finally:
         torch.backends.cudnn.conv.fp32_precision = previous
+
+
+def test_config_table(CK):
+    """tl.dot needs every block dimension >= 16; the interpreter gets exactly one config per class
+    (multi-config autotuning benchmarks on a GPU)."""
+    assert set(CK.GPU_CONFIGS) == set(CK.INTERPRETER_CONFIGS) == set(CK.TUNED_KERNELS)
+    for table in (CK.GPU_CONFIGS, CK.INTERPRETER_CONFIGS):
+        for configs in table.values():
+            for cfg in configs:
+                assert all(cfg.kwargs[b] >= 16 for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), cfg
+    assert all(len(c) == 1 for c in CK.INTERPRETER_CONFIGS.values())
+    assert (CK.CONFIGS is CK.INTERPRETER_CONFIGS) == INTERPRET
