@@ -63,7 +63,13 @@ class _FoldedBlock(nn.Module):
     """Shared forward pieces of the folded blocks."""
 
     def _downsample(self, x: Tensor) -> Tensor:
-        return x if self.downsample is None else self.downsample(x)
+        if self.downsample is None:
+            return x
+        conv = _lone_conv(self.downsample)
+        if conv is not None:  # the folded (conv, BN) branch: conv + bias through ops (Triton there)
+            return ops.conv_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                     conv.groups, relu=False)
+        return self.downsample(x)
 
     @staticmethod
     def _conv(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
@@ -101,6 +107,16 @@ class FoldedBottleneck(_FoldedBlock):
         out = self._conv(self.conv1, x)
         out = self._conv(self.conv2, out)
         return self._conv(self.conv3, out, residual=self._downsample(x))
+
+
+def _lone_conv(ds: nn.Module) -> Optional[nn.Conv2d]:
+    """The conv of a folded downsample ``Sequential(Conv2d, Identity...)`` with numeric zero padding."""
+    if not isinstance(ds, nn.Sequential) or len(ds) == 0:
+        return None
+    conv, rest = ds[0], list(ds)[1:]
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    return conv if all(type(m) is nn.Identity for m in rest) else None
 
 
 def _fold_downsample(ds: Optional[nn.Module]) -> Optional[nn.Module]:

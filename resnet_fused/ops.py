@@ -229,11 +229,21 @@ def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride,
                   groups: int, residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
     """``relu?(conv2d(input, weight, bias) + residual)`` for folded (BatchNorm-free) blocks.
 
-    On CPU in inference (no autograd, not being compiled) this is one oneDNN convolution with the
-    bias, residual add and ReLU as fused post-ops on a pre-packed weight (``_mkldnn_conv_bias_act``);
-    elsewhere the public-API path runs: ATen conv, then the add and ReLU in place on the fresh conv
-    output (a convolution's backward does not need its output, so autograd stays correct).
+    Under the ``triton`` backend (chosen, or ``auto`` on CUDA) this is one Triton implicit-GEMM kernel
+    with bias, residual and ReLU as its epilogue (``resnet_fused_triton::conv2d_bias_act``; output
+    channels_last, autograd through ``aten.convolution_backward``). On CPU in inference (no autograd,
+    not being compiled) it is one oneDNN convolution with the bias, residual add and ReLU as fused
+    post-ops on a pre-packed weight (``_mkldnn_conv_bias_act``); elsewhere the public-API path runs:
+    ATen conv, then the add and ReLU in place on the fresh conv output (a convolution's backward does
+    not need its output, so autograd stays correct).
     """
+    # Only the triton backend has a conv kernel of its own; the others keep their ATen/oneDNN path
+    # (so e.g. use_backend("cuda") on a GPU still runs folded models through cuDNN).
+    if backends.get_backend() in ("auto", "triton") and \
+            backends.backend_for(input.device, input.dtype) == "triton":
+        # validated by the op itself (also its fake kernel) before any launch
+        return torch.ops.resnet_fused_triton.conv2d_bias_act(
+            input, weight, None, bias, list(stride), list(padding), list(dilation), groups, residual, relu)
     if _mkldnn_eligible(input, weight, residual):
         return _mkldnn_conv_bias_act(input, weight, bias, stride, padding, dilation, groups, residual, relu)
     out = torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)

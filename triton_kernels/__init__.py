@@ -8,11 +8,12 @@ on first use of :data:`KERNELS_AVAILABLE` or :func:`op`:
   (``KERNELS_ERROR`` says why not otherwise);
 * ``op(name)`` — the registered op ``torch.ops.resnet_fused_triton.<name>`` for ``name`` in
   ``bn_stats``, ``bn_apply``, ``bn_backward_reduce``, ``bn_backward_apply``, called with the same
-  positional arguments as the function of :mod:`resnet_fused.reference`.
+  positional arguments as the function of :mod:`resnet_fused.reference`, or ``conv2d_bias_act``
+  (conv_kernels.py: the implicit-GEMM conv of folded inference).
 """
 from __future__ import annotations
 
-OP_NAMES = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply")
+OP_NAMES = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply", "conv2d_bias_act")
 
 
 def _load():

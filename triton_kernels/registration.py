@@ -10,6 +10,10 @@ One dispatch key holds one kernel, so these are ops of their own, with the schem
 
 Both get fake kernels that mirror the launchers' output layout, and autograd for ``bn_stats`` and
 ``bn_apply`` with the formulas of :mod:`resnet_fused.ops` (imported, not copied).
+
+``conv2d_bias_act`` (conv_kernels.py: implicit-GEMM conv with a scale/shift/residual/ReLU epilogue)
+has no C++ twin; its autograd masks the gradient by the ReLU and calls
+``aten.convolution_backward``, so a folded model stays differentiable on this backend.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import bn_kernels as K
+from . import conv_kernels as CK
 
 NAMESPACE = "resnet_fused_triton"
 
@@ -28,6 +33,8 @@ SCHEMAS = {
                           "-> (Tensor sum_dy, Tensor sum_dy_xmu)",
     "bn_backward_apply": "(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, Tensor invstd, "
                          "Tensor? weight, Tensor? mean_dy, Tensor? mean_dy_xmu, bool relu) -> Tensor",
+    "conv2d_bias_act": "(Tensor input, Tensor weight, Tensor? scale, Tensor? shift, int[] stride, "
+                       "int[] padding, int[] dilation, int groups, Tensor? residual, bool relu) -> Tensor",
 }
 
 LAUNCHERS = {
@@ -35,6 +42,7 @@ LAUNCHERS = {
     "bn_apply": K.bn_apply,
     "bn_backward_reduce": K.bn_backward_reduce,
     "bn_backward_apply": K.bn_backward_apply,
+    "conv2d_bias_act": CK.conv2d_bias_act,
 }
 
 OP_KIND = "custom_op" if K.INTERPRETED else "triton_op"
@@ -69,12 +77,55 @@ def _fake_bn_backward_apply(grad_out, input, output, mean, invstd, weight, mean_
     return _like_input(input)
 
 
+def _fake_conv2d_bias_act(input, weight, scale, shift, stride, padding, dilation, groups, residual, relu):
+    geo = CK.conv_geometry(input, weight, scale, shift, stride, padding, dilation, groups, residual)
+    return CK.empty_output(input, geo)
+
+
 FAKES = {
     "bn_stats": _fake_bn_stats,
     "bn_apply": _fake_bn_apply,
     "bn_backward_reduce": _fake_bn_backward_reduce,
     "bn_backward_apply": _fake_bn_backward_apply,
+    "conv2d_bias_act": _fake_conv2d_bias_act,
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd of conv2d_bias_act: out = relu?(conv(x, w) * scale + shift + residual)
+# ------------------------------------------------------------------------------------------------
+def _conv_setup(ctx, inputs, output):
+    input, weight, scale, shift, stride, padding, dilation, groups, residual, relu = inputs
+    ctx.conv_args = (list(stride), list(padding), list(dilation), int(groups))
+    ctx.relu = relu
+    ctx.has = (shift is not None, residual is not None)
+    ctx.dtypes = (None if scale is None else scale.dtype, None if shift is None else shift.dtype)
+    ctx.save_for_backward(input, weight, scale, output if relu else None)
+
+
+def _conv_backward(ctx, grad_out):
+    input, weight, scale, output = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    need = ctx.needs_input_grad
+    g = grad_out.float()
+    if ctx.relu:
+        g = torch.where(output <= 0, 0.0, g)  # torch's threshold_backward: NaN outputs pass
+    grads = [None] * 10
+    if ctx.has[0] and need[3]:
+        grads[3] = g.sum((0, 2, 3)).to(ctx.dtypes[1])
+    if ctx.has[1] and need[8]:
+        grads[8] = g.to(grad_out.dtype)
+    if scale is not None and need[2]:
+        # d/dscale needs conv(x) itself: recomputed (the forward never stores it)
+        conv = torch.nn.functional.conv2d(input, weight, None, stride, padding, dilation, groups)
+        grads[2] = (g * conv.float()).sum((0, 2, 3)).to(ctx.dtypes[0])
+    if need[0] or need[1]:
+        g_conv = g if scale is None else g * scale.float().reshape(1, -1, 1, 1)
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            g_conv.to(input.dtype), input, weight, None, stride, padding, dilation, False, [0, 0],
+            groups, [need[0], need[1], False])
+        grads[0], grads[1] = gi, gw
+    return tuple(grads)
 
 
 def _register():
@@ -89,6 +140,7 @@ def _register():
         ops[name] = op
     ops["bn_stats"].register_autograd(_bn_stats_backward, setup_context=_bn_stats_setup)
     ops["bn_apply"].register_autograd(_bn_apply_backward, setup_context=_bn_apply_setup)
+    ops["conv2d_bias_act"].register_autograd(_conv_backward, setup_context=_conv_setup)
     return ops
 
 
