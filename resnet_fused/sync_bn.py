@@ -165,29 +165,17 @@ class StatsSync:
 
     def stats(self, mean: Tensor, var: Tensor, count: int) -> Tuple[Tensor, Tensor, int]:
         """Local (mean, biased var, count) -> global ones (Chan merge of every rank's partials)."""
-        c = mean.shape[0]
-        local = torch.empty(2 * c + 1, dtype=torch.float64, device=mean.device)
-        if count > 0:
-            local[:c] = mean
-            local[c:2 * c] = var.double() * count  # M2, centered on this rank's mean
-        else:  # an empty batch: bn_stats' values are 0/0, the weight is 0
-            local[:2 * c] = 0
-        local[2 * c] = count
+        local = pack_stats(mean, var, count)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local, group=self.group)
-        g = torch.stack(parts)
-        means, m2s, counts = g[:, :c], g[:, c:2 * c], g[:, 2 * c:]
-        total = counts.sum()
-        n = int(total.item())
+        g_mean, g_var, n = merge_stats(torch.stack(parts))
         if n == 1:  # same error as nn.BatchNorm2d; every rank sees the same count and raises
             raise ValueError("Expected more than 1 value per channel when training, got 1 value "
                              "per channel over all ranks of the process group")
         self.count = n
-        if n == 0:
+        if n == 0:  # every rank's batch is empty: nothing is normalized
             return mean, var, 0
-        global_mean = (means * (counts / total)).sum(0)
-        m2 = m2s.sum(0) + (counts * (means - global_mean).square()).sum(0)
-        return global_mean.to(mean.dtype), (m2 / total).to(var.dtype), n
+        return g_mean.to(mean.dtype), g_var.to(var.dtype), n
 
     def grads(self, sum_dy: Tensor, sum_dy_xmu: Tensor) -> Tuple[Tensor, Tensor, int]:
         """Local backward sums -> global sums (all ranks) and the global count."""
@@ -195,6 +183,31 @@ class StatsSync:
         packed = torch.cat([sum_dy, sum_dy_xmu])  # a new tensor: the local sums stay local
         dist.all_reduce(packed, group=self.group)
         return packed[:c], packed[c:], self.count
+
+
+def pack_stats(mean: Tensor, var: Tensor, count: int) -> Tensor:
+    """One rank's partial statistics as one float64 ``[mean (C), M2 (C), count]`` tensor."""
+    c = mean.shape[0]
+    local = torch.zeros(2 * c + 1, dtype=torch.float64, device=mean.device)
+    if count > 0:  # an empty batch's bn_stats are 0/0; its weight in the merge is 0
+        local[:c] = mean
+        local[c:2 * c] = var.double() * count  # M2, centered on this rank's mean
+    local[2 * c] = count
+    return local
+
+
+def merge_stats(parts: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """Chan's merge of ``[W, 2C+1]`` packed partials: (global mean, biased var, count), float64.
+    Only non-negative terms are added, so large means do not cancel."""
+    c = (parts.shape[1] - 1) // 2
+    means, m2s, counts = parts[:, :c], parts[:, c:2 * c], parts[:, 2 * c:]
+    total = counts.sum()
+    n = int(total.item())
+    if n == 0:
+        return means[0], m2s[0], 0
+    mean = (means * (counts / total)).sum(0)
+    m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
+    return mean, m2 / total, n
 
 
 # ------------------------------------------------------------------------------------------------
