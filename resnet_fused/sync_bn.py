@@ -44,9 +44,10 @@ class SyncBatchNorm(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, bias: bool = True) -> None:
+        # torch's nn.SyncBatchNorm signature
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
-                         dtype=dtype)
+                         dtype=dtype, bias=bias)
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:

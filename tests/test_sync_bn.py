@@ -321,9 +321,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=None), dict(affine=False),
+@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=None), dict(affine=False), dict(bias=False),
                                     dict(track_running_stats=False)],
-                         ids=["default", "momentum-none", "affine-false", "no-running-stats"])
+                         ids=["default", "momentum-none", "affine-false", "bias-false", "no-running-stats"])
 def test_sync_batchnorm_without_process_group_is_batchnorm2d(kwargs):
     ref = randomize_bn(nn.BatchNorm2d(6, **kwargs))
     ours = SyncBatchNorm(6, **kwargs)
@@ -475,3 +475,22 @@ def test_chan_merge_of_uneven_partials_with_a_large_mean():
 def test_merge_of_no_values_reports_zero():
     _, _, n = merge_stats(torch.stack([pack_stats(torch.zeros(3), torch.zeros(3), 0)] * 2))
     assert n == 0
+
+
+@pytest.mark.parametrize("backend, device, ok", [
+    ("nccl", "cpu", False), ("nccl", "cuda", True), ("gloo", "cpu", True), ("gloo", "cuda", True),
+    ("cpu:gloo,cuda:nccl", "cpu", True), ("cuda:nccl", "cpu", False)])
+def test_a_backend_that_cannot_carry_the_device_is_a_clear_error(monkeypatch, backend, device, ok):
+    """(No NCCL here: the process group is faked; the check only reads its backend name.)"""
+    bn = SyncBatchNorm(4, process_group=object())
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    if ok:
+        assert resnet_fused.sync_bn.sync_world_size(bn, torch.device(device)) == 2
+    else:
+        with pytest.raises(ValueError, match="cannot synchronize cpu tensors"):
+            resnet_fused.sync_bn.sync_world_size(bn, torch.device(device))
+    bn.eval()  # eval mode never synchronizes, so never checks
+    assert resnet_fused.sync_bn.sync_world_size(bn, torch.device(device)) == 1
