@@ -28,7 +28,7 @@ import resnet_fused
 from resnet_fused import FusedBasicBlock, FusedBottleneck, SyncBatchNorm
 from resnet_fused.sync_bn import merge_stats, pack_stats
 
-from conftest import (TOL_NET_GRAD, TOL_NET_OUT, TOL_OUT, TOL_STATS, block_factory,
+from conftest import (TOL_GRAD, TOL_NET_GRAD, TOL_NET_OUT, TOL_OUT, TOL_STATS, block_factory,
                       compare_buffers, randomize_bn, rel_err, standard_downsample)
 
 WORLD = 2
@@ -116,6 +116,43 @@ def _spawn(fn, *args) -> None:
     mp.spawn(fn, args=(_free_port(),) + args, nprocs=WORLD, join=True)
 
 
+# standalone SyncBatchNorm configurations (kwargs, per-rank batch sizes); (5, 0): rank 1 is empty
+STANDALONE = [(dict(), (5, 0)), (dict(affine=False), (3, 2)), (dict(bias=False), (1, 4)),
+              (dict(momentum=None), (2, 3)), (dict(track_running_stats=False), (4, 1))]
+
+
+def _standalone_input(case: int):
+    batches = STANDALONE[case][1]
+    g = torch.Generator().manual_seed(50 + case)
+    x = torch.randn(sum(batches), 4, 3, 5, generator=g) * 3 + 7
+    return x, torch.randn(x.shape, generator=g), batches
+
+
+def _standalone_module(case: int, cls) -> nn.Module:
+    torch.manual_seed(case)
+    return randomize_bn(cls(4, **STANDALONE[case][0]))
+
+
+def _standalone_checks(rank: int, device: str):
+    """Each configuration, two training steps (second: running statistics in use by the update)."""
+    records = []
+    for case in range(len(STANDALONE)):
+        bn = _standalone_module(case, SyncBatchNorm).to(device)
+        x_all, g_all, batches = _standalone_input(case)
+        lo = sum(batches[:rank])
+        steps = []
+        for _ in range(2):
+            x = x_all[lo:lo + batches[rank]].to(device).requires_grad_()
+            out = bn(x)
+            out.backward(g_all[lo:lo + batches[rank]].to(device))
+            steps.append(dict(out=out.detach().cpu(), x_grad=x.grad.cpu(),
+                              grads={n: p.grad.cpu().clone() for n, p in bn.named_parameters()},
+                              buffers={n: b.cpu().clone() for n, b in bn.named_buffers()}))
+            bn.zero_grad()
+        records.append(steps)
+    return records
+
+
 def _train_worker(rank: int, port: int, out_dir: str, device: str) -> None:
     """Per variant: DDP training over STEPS, recording what the test process compares; then an
     eval-mode forward on rank 0 alone (it would time out if eval communicated); then error checks
@@ -167,6 +204,7 @@ def _train_worker(rank: int, port: int, out_dir: str, device: str) -> None:
         result[variant] = record
         del model
         dist.barrier()
+    result["standalone"] = _standalone_checks(rank, device)
     # a rank outside the BN's process group gets a clear error before any kernel runs;
     # a group of one process is plain BatchNorm2d
     group = dist.new_group([1])
@@ -259,6 +297,34 @@ def test_eval_mode_does_not_communicate(ddp_run, variant):
         expected = ref(x_all)
     err = rel_err(ddp_run[0][variant]["eval_out"], expected)
     assert err <= TOL_NET_OUT, f"eval output rel_err {err:.3g} > {TOL_NET_OUT}"
+
+
+@pytest.mark.parametrize("case", range(len(STANDALONE)),
+                         ids=[f"{k or 'default'}-{b}" for k, b in STANDALONE])
+def test_standalone_sync_batchnorm_matches_batchnorm2d_on_the_global_batch(ddp_run, case):
+    """Without DDP: the sum of the ranks' parameter gradients is the global one."""
+    ref = _standalone_module(case, nn.BatchNorm2d)
+    x_all, g_all, batches = _standalone_input(case)
+    for step in range(2):
+        recs = [r["standalone"][case][step] for r in ddp_run]
+        x = x_all.clone().requires_grad_()
+        out = ref(x)
+        out.backward(g_all)
+        err = rel_err(torch.cat([r["out"] for r in recs]), out)
+        assert err <= TOL_OUT, f"step {step}: output rel_err {err:.3g}"
+        err = rel_err(torch.cat([r["x_grad"] for r in recs]), x.grad)
+        assert err <= TOL_GRAD, f"step {step}: input grad rel_err {err:.3g}"
+        for name, p in ref.named_parameters():
+            err = rel_err(recs[0]["grads"][name] + recs[1]["grads"][name], p.grad)
+            assert err <= TOL_GRAD, f"step {step}: grad of {name} rel_err {err:.3g}"
+        for name, b in ref.named_buffers():
+            for rank, rec in enumerate(recs):
+                if name == "num_batches_tracked":
+                    assert torch.equal(rec["buffers"][name], b)
+                else:
+                    err = rel_err(rec["buffers"][name], b)
+                    assert err <= TOL_STATS, f"step {step}: rank {rank} {name} rel_err {err:.3g}"
+        ref.zero_grad()
 
 
 def test_a_rank_outside_the_process_group_gets_a_clear_error(ddp_run):
