@@ -300,7 +300,8 @@ def test_eval_mode_does_not_communicate(ddp_run, variant):
 
 
 @pytest.mark.parametrize("case", range(len(STANDALONE)),
-                         ids=[f"{k or 'default'}-{b}" for k, b in STANDALONE])
+                         ids=["-".join([f"{k}={v}" for k, v in kw.items()] or ["default"]) + f"-batches{b[0]}+{b[1]}"
+                              for kw, b in STANDALONE])
 def test_standalone_sync_batchnorm_matches_batchnorm2d_on_the_global_batch(ddp_run, case):
     """Without DDP: the sum of the ranks' parameter gradients is the global one."""
     ref = _standalone_module(case, nn.BatchNorm2d)
