@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from . import units
+from . import sync_bn, units
 from .units import BNState
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck"]
@@ -89,16 +89,20 @@ class _FusedBlockMixin:
         pairs, last_norm = self._units()
         convs = [self.conv1] + [c for _, c in pairs]
         norms = [nrm for nrm, _ in pairs] + [last_norm]
-        for conv, norm in zip(convs, norms):
+        ds = self._downsample_parts()
+        # synchronized BN: group/device errors now; one value per channel is fine across ranks
+        # (the global count is checked after the statistics are gathered)
+        worlds = [sync_bn.sync_world_size(norm, x.device)
+                  for norm in norms + ([ds[1]] if ds is not None else [])]
+        for conv, norm, world in zip(convs, norms, worlds):
             h, w = _conv_out_hw(conv, h, w)
             if h <= 0 or w <= 0:
                 raise ValueError(f"{name}: input of spatial size {tuple(x.shape[2:])} is too small "
                                  f"for {conv}")
-            if units.uses_batch_stats(norm) and n * h * w == 1:
+            if units.uses_batch_stats(norm) and n * h * w == 1 and world == 1:
                 raise ValueError("Expected more than 1 value per channel when training, got input "
                                  f"size {torch.Size([n, conv.out_channels, h, w])}")
-        ds = self._downsample_parts()
-        if ds is not None and units.uses_batch_stats(ds[1]):
+        if ds is not None and units.uses_batch_stats(ds[1]) and worlds[-1] == 1:
             hd, wd = _conv_out_hw(ds[0], x.shape[2], x.shape[3])
             if n * hd * wd == 1:
                 raise ValueError("Expected more than 1 value per channel when training, got input "
@@ -116,17 +120,17 @@ class _FusedBlockMixin:
         states: List[BNState] = []
         y = self.conv1(x)
         for norm, conv in pairs:
-            state = units.prepare_bn(norm, y)
+            state = units.prepare_bn(norm, y, sync_bn.synchronizer_for(norm))
             states.append(state)
             y = units.bn_relu_conv(y, state, conv, self._conv_weight(conv, y))
-        last = units.prepare_bn(last_norm, y)
+        last = units.prepare_bn(last_norm, y, sync_bn.synchronizer_for(last_norm))
         states.append(last)
         ds = self._downsample_parts()
         if ds is not None:
             y_ds = ds[0](x)
             if y_ds.dtype != y.dtype:
                 y_ds = y_ds.to(y.dtype)
-            ds_state = units.prepare_bn(ds[1], y_ds)
+            ds_state = units.prepare_bn(ds[1], y_ds, sync_bn.synchronizer_for(ds[1]))
             states.append(ds_state)
             out = units.bn_add_relu(y, last, y_ds=y_ds, bn_ds=ds_state)
         else:

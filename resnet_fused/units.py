@@ -23,6 +23,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import ops
 from .reference import opmath_dtype
+from .sync_bn import StatsSync, SyncBatchNorm
 
 
 @dataclass
@@ -36,20 +37,25 @@ class BNState:
     bias: Tensor            # beta
     batch_stats: bool       # True: normalizes with this batch's statistics (training)
     var: Optional[Tensor] = None  # biased batch variance, for the running-statistics update
-    count: int = 0                # elements per channel in this batch
+    count: int = 0                # elements per channel in this batch (all ranks' when synchronized)
+    sync: Optional[StatsSync] = None  # synchronized BN: the collectives of this forward/backward
 
 
 def uses_batch_stats(bn: nn.Module) -> bool:
-    return isinstance(bn, nn.BatchNorm2d) and bn.training
+    return isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and bn.training
 
 
-def prepare_bn(bn: nn.Module, y: Tensor) -> BNState:
-    """Statistics for normalizing ``y`` with ``bn`` (no module state is changed here)."""
+def prepare_bn(bn: nn.Module, y: Tensor, sync: Optional[StatsSync] = None) -> BNState:
+    """Statistics for normalizing ``y`` with ``bn`` (no module state is changed here). With a
+    ``sync`` (synchronized BN in training), the statistics are the global batch's."""
     acc = opmath_dtype(y.dtype)
     if uses_batch_stats(bn):
         mean, var = ops.bn_stats(y.detach())
+        count = y.numel() // y.shape[1]
+        if sync is not None:
+            mean, var, count = sync.stats(mean, var, count)
         invstd = torch.rsqrt(var + bn.eps)
-        return BNState(bn, mean, invstd, bn.weight, bn.bias, True, var, y.numel() // y.shape[1])
+        return BNState(bn, mean, invstd, bn.weight, bn.bias, True, var, count, sync)
     # eval-mode BatchNorm2d or FrozenBatchNorm2d: running statistics are constants
     mean = bn.running_mean.detach().to(acc)
     invstd = torch.rsqrt(bn.running_var.detach().to(acc) + bn.eps)
@@ -81,18 +87,22 @@ def _scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> 
 
 
 def _bn_input_grad(grad: Tensor, y: Tensor, relu_out: Optional[Tensor], mean: Tensor, invstd: Tensor,
-                   weight: Tensor, batch_stats: bool, need_input: bool
-                   ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+                   weight: Tensor, batch_stats: bool, need_input: bool,
+                   sync: Optional[StatsSync] = None) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     """BN(+ReLU) backward: (grad_y, grad_weight, grad_bias). With ``relu_out`` the gradient is
-    masked where that ReLU output is <= 0 inside the kernels; without, ``grad`` is already masked."""
+    masked where that ReLU output is <= 0 inside the kernels; without, ``grad`` is already masked.
+    With ``sync`` the input gradient uses all ranks' sums; parameter gradients stay local."""
     relu = relu_out is not None
     sum_dy, sum_dy_xmu = ops.bn_backward_reduce(grad, y, relu_out, mean, relu)
     grad_y = None
     if need_input:
         if batch_stats:
             count = y.numel() // y.shape[1]
-            grad_y = ops.bn_backward_apply(grad, y, relu_out, mean, invstd, weight, sum_dy / count,
-                                           sum_dy_xmu / count, relu)
+            tot_dy, tot_dy_xmu = sum_dy, sum_dy_xmu
+            if sync is not None:
+                tot_dy, tot_dy_xmu, count = sync.grads(sum_dy, sum_dy_xmu)
+            grad_y = ops.bn_backward_apply(grad, y, relu_out, mean, invstd, weight, tot_dy / count,
+                                           tot_dy_xmu / count, relu)
         else:
             grad_y = ops.bn_backward_apply(grad, y, relu_out, mean, invstd, weight, None, None, relu)
     return grad_y, (sum_dy_xmu * invstd).to(weight.dtype), sum_dy.to(weight.dtype)
@@ -107,13 +117,14 @@ def _memory_format(t: Tensor) -> torch.memory_format:
 class _BNReLUConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, mean, invstd, weight, bias, conv_weight, stride, padding, dilation, groups,
-                batch_stats):
+                batch_stats, sync=None):
         scale, shift = _scale_shift(mean, invstd, weight, bias)
         a = ops.bn_apply(y, scale, shift, None, None, None, True)
         z = torch.ops.aten.convolution(a, conv_weight, None, stride, padding, dilation, False,
                                        [0, 0], groups)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.batch_stats = batch_stats
+        ctx.sync = sync
         ctx.save_for_backward(y, mean, invstd, weight, bias, conv_weight)
         return z
 
@@ -133,22 +144,22 @@ class _BNReLUConv(torch.autograd.Function):
         if need_a:
             grad_a = grad_a.contiguous(memory_format=_memory_format(y))
             grad_y, grad_w, grad_b = _bn_input_grad(grad_a, y, a, mean, invstd, weight,
-                                                    ctx.batch_stats, need_y)
+                                                    ctx.batch_stats, need_y, ctx.sync)
         return (grad_y, None, None, grad_w if need_w else None, grad_b if need_b else None,
-                grad_cw if need_cw else None, None, None, None, None, None)
+                grad_cw if need_cw else None, None, None, None, None, None, None)
 
 
 def bn_relu_conv(y: Tensor, bn: BNState, conv: nn.Conv2d, conv_weight: Tensor) -> Tensor:
     """``conv(relu(bn(y)))``; saves ``y`` and statistics, recomputes the BN+ReLU in backward."""
     return _BNReLUConv.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, conv_weight,
                              list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups,
-                             bn.batch_stats)
+                             bn.batch_stats, bn.sync)
 
 
 class _BNAddReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, mean, invstd, weight, bias, batch_stats, residual,
-                y_ds, mean_ds, invstd_ds, weight_ds, bias_ds, batch_stats_ds):
+                y_ds, mean_ds, invstd_ds, weight_ds, bias_ds, batch_stats_ds, sync=None, sync_ds=None):
         scale, shift = _scale_shift(mean, invstd, weight, bias)
         if y_ds is not None:
             res_scale, res_shift = _scale_shift(mean_ds, invstd_ds, weight_ds, bias_ds)
@@ -156,6 +167,7 @@ class _BNAddReLU(torch.autograd.Function):
         else:
             out = ops.bn_apply(y, scale, shift, residual, None, None, True)
         ctx.batch_stats = (batch_stats, batch_stats_ds)
+        ctx.sync = (sync, sync_ds)
         ctx.has_ds = y_ds is not None
         ctx.save_for_backward(y, mean, invstd, weight, out, y_ds, mean_ds, invstd_ds, weight_ds)
         return out
@@ -169,14 +181,15 @@ class _BNAddReLU(torch.autograd.Function):
         # masking once and running the BN backward primitives unmasked reads less memory than
         # masking inside each of them.
         grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
-        grads: List[Optional[Tensor]] = [None] * 13
+        grads: List[Optional[Tensor]] = [None] * 15
         if need[0] or need[3] or need[4]:
-            gy, gw, gb = _bn_input_grad(grad, y, None, mean, invstd, weight, ctx.batch_stats[0], need[0])
+            gy, gw, gb = _bn_input_grad(grad, y, None, mean, invstd, weight, ctx.batch_stats[0], need[0],
+                                        ctx.sync[0])
             grads[0], grads[3], grads[4] = gy, gw if need[3] else None, gb if need[4] else None
         if ctx.has_ds:
             if need[7] or need[10] or need[11]:
                 gy, gw, gb = _bn_input_grad(grad, y_ds, None, mean_ds, invstd_ds, weight_ds,
-                                            ctx.batch_stats[1], need[7])
+                                            ctx.batch_stats[1], need[7], ctx.sync[1])
                 grads[7], grads[10], grads[11] = gy, gw if need[10] else None, gb if need[11] else None
         elif need[6]:
             grads[6] = grad
@@ -188,15 +201,20 @@ def bn_add_relu(y: Tensor, bn: BNState, identity: Optional[Tensor] = None,
     """``relu(bn(y) + identity)``, or ``relu(bn(y) + bn_ds(y_ds))`` in one pass."""
     if y_ds is not None:
         return _BNAddReLU.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, bn.batch_stats, None,
-                                y_ds, bn_ds.mean, bn_ds.invstd, bn_ds.weight, bn_ds.bias, bn_ds.batch_stats)
+                                y_ds, bn_ds.mean, bn_ds.invstd, bn_ds.weight, bn_ds.bias, bn_ds.batch_stats,
+                                bn.sync, bn_ds.sync)
     return _BNAddReLU.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, bn.batch_stats, identity,
-                            None, None, None, None, None, None)
+                            None, None, None, None, None, None, bn.sync, None)
+
+
+_BATCHNORMS = (nn.BatchNorm2d, SyncBatchNorm, nn.SyncBatchNorm)
 
 
 def is_supported_norm(bn: nn.Module) -> bool:
-    """Norm layers the fused units reproduce exactly: BatchNorm2d with affine parameters and running
-    statistics, and torchvision's FrozenBatchNorm2d (an eval-mode affine transform)."""
+    """Norm layers the fused units reproduce exactly: BatchNorm2d (or a synchronized one: ours or
+    torch's nn.SyncBatchNorm) with affine parameters and running statistics, and torchvision's
+    FrozenBatchNorm2d (an eval-mode affine transform)."""
     if type(bn) is FrozenBatchNorm2d:
         return True
-    return (type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+    return (type(bn) in _BATCHNORMS and bn.affine and bn.track_running_stats
             and bn.running_mean is not None)
