@@ -216,5 +216,6 @@ def is_supported_norm(bn: nn.Module) -> bool:
     FrozenBatchNorm2d (an eval-mode affine transform)."""
     if type(bn) is FrozenBatchNorm2d:
         return True
+    # torch 2.14's BatchNorm2d(bias=False) is affine with a None bias: not reproduced by the units
     return (type(bn) in _BATCHNORMS and bn.affine and bn.track_running_stats
-            and bn.running_mean is not None)
+            and bn.running_mean is not None and bn.weight is not None and bn.bias is not None)

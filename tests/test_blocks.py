@@ -404,6 +404,10 @@ def _bn_no_affine(c):
     return nn.BatchNorm2d(c, affine=False)
 
 
+def _bn_no_bias(c):
+    return nn.BatchNorm2d(c, bias=False)   # torch 2.14: affine, with a weight and no bias
+
+
 def _group_norm(c):
     return nn.GroupNorm(2, c)
 
@@ -411,6 +415,7 @@ def _group_norm(c):
 UNSUPPORTED = {
     "bn-track_running_stats=False": dict(norm_layer=_bn_no_running_stats),
     "bn-affine=False": dict(norm_layer=_bn_no_affine),
+    "bn-bias=False": dict(norm_layer=_bn_no_bias),
     "groupnorm": dict(norm_layer=_group_norm),
     "hook-on-bn1": dict(hook=True),
 }
