@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from . import units
+from . import triton_units, units
 from .units import BNState
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck"]
@@ -112,6 +112,8 @@ class _FusedBlockMixin:
         return weight if weight.dtype == like.dtype else weight.to(like.dtype)
 
     def _fused_forward(self, x: Tensor) -> Tensor:
+        if triton_units.applies(self, x):  # Triton convs: BN+ReLU prologue, statistics epilogue
+            return triton_units.fused_forward(self, x)
         pairs, last_norm = self._units()
         states: List[BNState] = []
         y = self.conv1(x)
