@@ -137,6 +137,9 @@ def conv2d_nhwc_fwd_kernel(
         v = tl.where(mask, acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
         t_count = tl.sum(m_mask.to(tl.float32), axis=0)
         t_mean = tl.sum(v, axis=0) / tl.maximum(t_count, 1.0)
+        # corrected mean: the float32 sum of large values is off by many ulps of the spread, and the
+        # merge's between-tile term would inherit that; the deviations' sum is accurate
+        t_mean += tl.sum(tl.where(mask, v - t_mean[None, :], 0.0), axis=0) / tl.maximum(t_count, 1.0)
         d = tl.where(mask, v - t_mean[None, :], 0.0)
         t_m2 = tl.sum(d * d, axis=0)
         p_offs = pid_m.to(tl.int64) * C_OUT + co
