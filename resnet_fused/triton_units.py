@@ -55,6 +55,11 @@ class _ConvStats(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
+# the plain function behind the staticmethod: torch.compile refuses one Function calling another's
+# backward through the class attribute (it expects its own backward context there)
+_bn_relu_conv_backward = units._BNReLUConv.__dict__["backward"].__func__
+
+
 class _BNReLUConvStats(units._BNReLUConv):
     """:class:`units._BNReLUConv` whose forward is one Triton conv (BN+ReLU prologue, statistics
     epilogue); same saved tensors, same backward."""
@@ -73,7 +78,7 @@ class _BNReLUConvStats(units._BNReLUConv):
 
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_var):
-        return units._BNReLUConv.backward(ctx, grad_z)
+        return _bn_relu_conv_backward(ctx, grad_z)
 
 
 def _conv_args(conv: nn.Conv2d):
