@@ -3,9 +3,13 @@
 Same state_dict (copy.deepcopy + resnet_fused.swap_blocks, non-trivial BN affine parameters and
 running statistics), 2 SGD steps in training mode comparing outputs (<= 1e-5), input and every
 parameter gradient (<= 1e-4) and the running statistics (<= 1e-5) at each step, then eval-mode
-outputs and gradients. Shapes are small: the interpreter is slow.
+outputs and gradients. On this backend the blocks run resnet_fused/triton_units.py (every conv the
+Triton conv with BN+ReLU prologue and statistics epilogue); the op-log test checks that it does.
+Shapes are small: the interpreter is slow.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -190,3 +194,24 @@ def test_block_reduced_precision_on_triton(T, config, dtype):
             assert _fused_output(out_f) and out_f.dtype == dtype
             err = rel_err(out_f, out_r)
             assert err <= TOL_BF16_OUT, f"train={train}: output rel_err {err:.3g}"
+
+
+@pytest.mark.cuda
+def test_fused_block_compiles_with_inductor_on_triton(T, ieee_fp32):
+    """On a GPU the training conv is a triton_op: inductor compiles the block's forward and backward
+    (no graph break) with eager's results."""
+    kwargs, shape = CONFIGS["bottleneck-ds-stride2"]
+    _, fused = make_pair(block_factory(**kwargs), how="swap")
+    fused = fused.to("cuda").train()
+    eager = copy.deepcopy(fused)
+    x = torch.randn(shape, device="cuda")
+    with resnet_fused.use_backend("triton"):
+        compiled = torch.compile(fused, fullgraph=True)
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_c, out_e = compiled(xc), eager(xe)
+        grad = torch.randn_like(out_e)
+        out_c.backward(grad)
+        out_e.backward(grad)
+    assert rel_err(out_c, out_e) <= TOL_OUT and rel_err(xc.grad, xe.grad) <= TOL_GRAD
+    compare_grads(eager, fused, TOL_GRAD, "compiled: ")
+    compare_buffers(eager, fused, TOL_STATS, "compiled: ")
