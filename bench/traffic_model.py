@@ -17,9 +17,12 @@ Plans (what each block's BatchNorm/ReLU/add work costs, written as passes over n
                  with the residual (and the downsample BN) in the same pass; backward masks the
                  block-end gradient once, recomputes each inner BN+ReLU output for ATen's conv backward
                  and masks the inner BN+ReLU backward with it.
-* ``triton``     Triton part 3 with ATen's conv backward: statistics in the conv epilogue, BN+ReLU in
-                 the next conv's prologue (the BN+ReLU output never exists in forward); backward as
-                 ``fused`` (ATen's conv backward needs the recomputed BN+ReLU output in memory).
+* ``triton``     Triton part 3 as built (resnet_fused/triton_units.py), ATen's conv backward: every
+                 block conv (conv1, the inner convs, the last conv, the downsample conv) is the Triton
+                 conv ``conv2d_bn_stats`` whose epilogue gives its BN's statistics, BN+ReLU in the next
+                 conv's prologue (the BN+ReLU output never exists in forward); backward as ``fused``
+                 (ATen's conv backward needs the recomputed BN+ReLU output in memory). Checked against
+                 the ops the blocks launch by tests/triton/test_triton_traffic.py.
 * ``triton_mask_from_input``  as ``triton``, with the inner BN+ReLU backward taking its ReLU mask from
                  ``y*scale + shift > 0`` (the saved input) instead of reading the recomputed output,
                  and the block-end reduce writing the masked gradient it computes, so the apply reads it
@@ -31,7 +34,8 @@ Plans (what each block's BatchNorm/ReLU/add work costs, written as passes over n
 
 Inference: ``eager`` (BN normalize, in-place ReLU/add) vs ``folded_triton`` (fold_bn + the Triton conv
 with bias/residual/ReLU epilogue: only the residual read remains). The stem's BN+ReLU is in every
-training plan as eager (the fused blocks do not replace it); folded, it is the stem conv's epilogue.
+training plan as eager (the fused blocks do not replace it, so no epilogue gives its statistics);
+folded, it is the stem conv's epilogue.
 
 Run ``python -m bench.traffic_model --model resnet50 --batch 32 --dtype bfloat16 --mode train``.
 """
@@ -238,7 +242,7 @@ def totals(layers: Sequence[Layer]) -> Dict[str, float]:
 
 _NO_TRAFFIC = ("detach", "view", "alias", "expand", "as_strided", "permute", "squeeze", "unsqueeze",
                "slice", "select", "aten.t.")
-_CONV_OPERANDS = ("convolution",)   # aten.convolution / convolution_backward: the conv's own operands
+_CONV_OPERANDS = ("convolution", "conv2d_bn_stats")   # ATen conv fwd/bwd, the Triton training conv: own operands
 
 
 def measured_elements(block: nn.Module, x: torch.Tensor) -> float:

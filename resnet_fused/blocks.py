@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from . import sync_bn, units
+from . import sync_bn, triton_units, units
 from .units import BNState
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck"]
@@ -116,6 +116,8 @@ class _FusedBlockMixin:
         return weight if weight.dtype == like.dtype else weight.to(like.dtype)
 
     def _fused_forward(self, x: Tensor) -> Tensor:
+        if triton_units.applies(self, x):  # Triton convs: BN+ReLU prologue, statistics epilogue
+            return triton_units.fused_forward(self, x)
         pairs, last_norm = self._units()
         states: List[BNState] = []
         y = self.conv1(x)

@@ -308,3 +308,28 @@ def _mkldnn_conv_bias_act(input, weight, bias, stride, padding, dilation, groups
     residual = residual.contiguous(memory_format=out_format)
     return torch.ops.mkldnn._convolution_pointwise.binary(input, residual, packed, bias, *args, "add",
                                                           None, "relu" if relu else None, [], None)
+
+
+# --------------------------------------------------------------------------------------------
+# training on the triton backend: conv with a BN+ReLU prologue and a BN-statistics epilogue
+# --------------------------------------------------------------------------------------------
+def triton_conv_in_use(input: Tensor) -> bool:
+    """True when the ``triton`` backend (chosen, or ``auto`` on CUDA) runs ``input``; then the fused
+    blocks run their convs through :func:`conv2d_bn_stats` (the other backends keep ATen's conv)."""
+    return (backends.get_backend() in ("auto", "triton")
+            and backends.backend_for(input.device, input.dtype) == "triton")
+
+
+def conv2d_bn_stats(input: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                    in_relu: bool, stride, padding, dilation, groups: int
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``z = conv2d(relu?(input*in_scale + in_shift), weight)`` and ``z``'s per-channel mean and
+    biased variance, one Triton kernel (prologue + statistics epilogue) and a small merge. Triton
+    backend only (no gradient of its own: see :mod:`resnet_fused.triton_units`)."""
+    if not triton_conv_in_use(input):
+        raise RuntimeError("conv2d_bn_stats runs on the triton backend only (use_backend('triton'), or "
+                           f"'auto' on CUDA); the backend for {input.device}/{input.dtype} is "
+                           f"{backends.backend_for(input.device, input.dtype)!r}")
+    # validated by the op itself (also its fake kernel) before any launch
+    return torch.ops.resnet_fused_triton.conv2d_bn_stats(
+        input, weight, in_scale, in_shift, in_relu, list(stride), list(padding), list(dilation), groups)

@@ -9,11 +9,13 @@ on first use of :data:`KERNELS_AVAILABLE` or :func:`op`:
 * ``op(name)`` — the registered op ``torch.ops.resnet_fused_triton.<name>`` for ``name`` in
   ``bn_stats``, ``bn_apply``, ``bn_backward_reduce``, ``bn_backward_apply``, called with the same
   positional arguments as the function of :mod:`resnet_fused.reference`, or ``conv2d_bias_act``
-  (conv_kernels.py: the implicit-GEMM conv of folded inference).
+  (conv_kernels.py: the implicit-GEMM conv of folded inference), or ``conv2d_bn_stats`` (the same
+  conv with a BN+ReLU prologue and a BN-statistics epilogue, for training).
 """
 from __future__ import annotations
 
-OP_NAMES = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply", "conv2d_bias_act")
+OP_NAMES = ("bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply", "conv2d_bias_act",
+            "conv2d_bn_stats")
 
 
 def _load():

@@ -53,6 +53,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def conv2d_nhwc_fwd_kernel(
         x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+        in_scale_ptr, in_shift_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
         H, W, C_IN_G, OH, OW, C_OUT, C_OUT_G, M, K_TOTAL,
         sx_n, sx_c, sx_h, sx_w,
         sw_o, sw_i, sw_h, sw_w,
@@ -61,8 +62,13 @@ def conv2d_nhwc_fwd_kernel(
         KW: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
         RELU: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr, STATS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One ``[BLOCK_M, BLOCK_N]`` output tile of group ``program_id(2)``; ``out`` is NHWC-contiguous."""
+    """One ``[BLOCK_M, BLOCK_N]`` output tile of group ``program_id(2)``; ``out`` is NHWC-contiguous.
+
+    ``PROLOGUE``: the input is ``relu?(x*in_scale + in_shift)`` per input channel, applied as it is
+    loaded, to in-bounds elements only (zero padding stays zero). ``STATS``: the tile's per-channel
+    (count, mean, M2) of the stored output go to row ``program_id(0)`` of the partial buffers."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2).to(tl.int64)
@@ -95,6 +101,16 @@ def conv2d_nhwc_fwd_kernel(
         a_mask = (m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
         a_offs = x_row[:, None] + ih * sx_h + iw * sx_w + ci.to(tl.int64)[None, :] * sx_c
         a = tl.load(x_ptr + a_offs, mask=a_mask, other=0.0)
+        if PROLOGUE:
+            # the previous BN(+ReLU), in float32, rounded to the storage dtype as bn_apply stores it
+            cin = g * C_IN_G + ci.to(tl.int64)
+            s_in = tl.load(in_scale_ptr + cin, mask=k_mask, other=0.0).to(tl.float32)
+            b_in = tl.load(in_shift_ptr + cin, mask=k_mask, other=0.0).to(tl.float32)
+            af = a.to(tl.float32) * s_in[None, :] + b_in[None, :]
+            if IN_RELU:
+                af = tl.where(af < 0, 0.0, af)
+            af = tl.where(a_mask, af, 0.0)  # padding (and masked rows) stay zero, not relu(shift)
+            a = af if UPCAST else af.to(x_ptr.dtype.element_ty)
         w_row = ci.to(tl.int64) * sw_i + kh * sw_h + kw * sw_w
         b = tl.load(w_ptr + (w_row[:, None] + w_col[None, :]), mask=k_mask[:, None] & n_mask[None, :],
                     other=0.0)
@@ -115,6 +131,21 @@ def conv2d_nhwc_fwd_kernel(
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)  # torch.relu: NaN passes
     tl.store(out_ptr + (m[:, None] * C_OUT + co[None, :]), acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if STATS:
+        # statistics of the values as stored (rounded to the output dtype), exact two-pass within
+        # the tile; tiles are merged by bn_kernels.bn_stats_merge_kernel (Chan, fixed order)
+        v = tl.where(mask, acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        t_count = tl.sum(m_mask.to(tl.float32), axis=0)
+        t_mean = tl.sum(v, axis=0) / tl.maximum(t_count, 1.0)
+        # corrected mean: the float32 sum of large values is off by many ulps of the spread, and the
+        # merge's between-tile term would inherit that; the deviations' sum is accurate
+        t_mean += tl.sum(tl.where(mask, v - t_mean[None, :], 0.0), axis=0) / tl.maximum(t_count, 1.0)
+        d = tl.where(mask, v - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(d * d, axis=0)
+        p_offs = pid_m.to(tl.int64) * C_OUT + co
+        tl.store(part_count_ptr + p_offs, tl.zeros([BLOCK_N], dtype=tl.float32) + t_count, mask=n_mask)
+        tl.store(part_mean_ptr + p_offs, t_mean, mask=n_mask)
+        tl.store(part_m2_ptr + p_offs, t_m2, mask=n_mask)
 
 
 INTERPRETED = not isinstance(conv2d_nhwc_fwd_kernel, triton.runtime.jit.JITFunction)
@@ -165,6 +196,13 @@ CONFIGS = INTERPRETER_CONFIGS if INTERPRETED else GPU_CONFIGS
 TUNED_KERNELS = {cls: triton.autotune(configs=cfgs, key=_AUTOTUNE_KEY)(conv2d_nhwc_fwd_kernel)
                  for cls, cfgs in CONFIGS.items()}
 """shape class -> the autotuned kernel (one Autotuner per class over the same jit function)."""
+# The statistics epilogue writes one partial row per BLOCK_M tile, so the launcher must know
+# BLOCK_M before the launch: these autotuners vary everything but BLOCK_M (the class's first).
+STATS_BLOCK_M = {cls: cfgs[0].kwargs["BLOCK_M"] for cls, cfgs in CONFIGS.items()}
+STATS_TUNED_KERNELS = {
+    cls: triton.autotune(configs=[c for c in cfgs if c.kwargs["BLOCK_M"] == STATS_BLOCK_M[cls]],
+                         key=_AUTOTUNE_KEY)(conv2d_nhwc_fwd_kernel)
+    for cls, cfgs in CONFIGS.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,10 +352,87 @@ def conv2d_bias_act(input: Tensor, weight: Tensor, scale: Optional[Tensor], shif
 
     with _device_guard(input):
         wrap_triton(kernel)[grid](
-            x, weight, scale_t, shift_t, res, out,
+            x, weight, scale_t, shift_t, res, out, weight, weight, weight, weight, weight,
             geo.h, geo.w, c_in_g, geo.oh, geo.ow, geo.c_out, c_out_g, m, k_total,
             *x.stride(), *weight.stride(), *res.stride(),
             *geo.stride, *geo.padding, *geo.dilation,
             KW=geo.kw, HAS_SCALE=has_scale, HAS_SHIFT=has_shift, HAS_RESIDUAL=has_res, RELU=bool(relu),
-            UPCAST=emulated_bf16, INPUT_PRECISION=precision)
+            UPCAST=emulated_bf16, INPUT_PRECISION=precision, PROLOGUE=False, IN_RELU=False, STATS=False)
     return out.to(input.dtype) if emulated_bf16 else out
+
+
+def conv2d_bn_stats(input: Tensor, weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                    in_relu: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                    groups: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``out = conv2d(relu?(input*in_scale + in_shift), weight)`` (per input channel; the prologue is
+    applied as the input is loaded and never written) and ``out``'s per-channel mean and biased
+    variance (float32) from the statistics epilogue: per-tile (count, mean, M2) partials merged by
+    ``bn_stats_merge_kernel`` in a fixed order (no atomics). ``out`` is channels_last."""
+    from . import bn_kernels as K
+
+    op = "conv2d_bn_stats"
+    geo = conv_geometry(input, weight, None, None, stride, padding, dilation, groups, None, op=op)
+    check_prologue(op, input, in_scale, in_shift, in_relu)
+    out = empty_output(input, geo)
+    mean = torch.empty((geo.c_out,), dtype=torch.float32, device=input.device)
+    var = torch.empty((geo.c_out,), dtype=torch.float32, device=input.device)
+    m = geo.n * geo.oh * geo.ow
+    if geo.c_out == 0:
+        return out, mean, var
+    if m == 0:  # as bn_stats on an empty batch
+        return out, mean.fill_(float("nan")), var.fill_(float("nan"))
+    emulated_bf16 = INTERPRETED and input.dtype == torch.bfloat16
+    if emulated_bf16:
+        out = out.float()
+    x = input.contiguous(memory_format=torch.channels_last)
+    c_in_g, c_out_g = geo.c_in // geo.groups, geo.c_out // geo.groups
+    k_total = c_in_g * geo.kh * geo.kw
+    prologue = in_scale is not None
+    s_in = in_scale.contiguous() if prologue else weight
+    b_in = in_shift.contiguous() if prologue else weight
+    cls = shape_class(m, c_out_g)
+    block_m = STATS_BLOCK_M[cls]
+    parts = triton.cdiv(m, block_m)
+    part_count, part_mean, part_m2 = (torch.empty((parts, geo.c_out), dtype=torch.float32,
+                                                  device=input.device) for _ in range(3))
+    precision = fp32_input_precision(input.device) if input.dtype == torch.float32 else "tf32"
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out_g, meta["BLOCK_N"]), geo.groups)
+
+    merge_p, merge_c = K._merge_blocks(geo.c_out)
+    # partial means are absolute (no pivot): each tile's M2 is an exact two-pass around its own mean
+    pivot = torch.zeros((geo.c_out,), dtype=torch.float32, device=input.device)
+    with _device_guard(input):
+        wrap_triton(STATS_TUNED_KERNELS[cls])[grid](
+            x, weight, weight, weight, x, out, s_in, b_in, part_count, part_mean, part_m2,
+            geo.h, geo.w, c_in_g, geo.oh, geo.ow, geo.c_out, c_out_g, m, k_total,
+            *x.stride(), *weight.stride(), *x.stride(),
+            *geo.stride, *geo.padding, *geo.dilation,
+            KW=geo.kw, HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=False, RELU=False,
+            UPCAST=emulated_bf16, INPUT_PRECISION=precision, PROLOGUE=prologue, IN_RELU=bool(in_relu),
+            STATS=True)
+        wrap_triton(K.bn_stats_merge_kernel)[(triton.cdiv(geo.c_out, merge_c),)](
+            pivot, part_count, part_mean, part_m2, mean, var, parts, geo.c_out, 1,
+            BLOCK_P=merge_p, BLOCK_C=merge_c)
+    return (out.to(input.dtype) if emulated_bf16 else out), mean, var
+
+
+def check_prologue(op: str, input: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                   in_relu: bool) -> None:
+    """Errors before any launch: the prologue's vectors are per *input* channel, given together."""
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError(f"{op}: in_scale and in_shift must be given together")
+    if in_relu and in_scale is None:
+        raise ValueError(f"{op}: in_relu=True is the prologue's ReLU and needs in_scale/in_shift")
+    c_in = input.shape[1]
+    for what, v in (("in_scale", in_scale), ("in_shift", in_shift)):
+        if v is None:
+            continue
+        if v.dim() != 1 or v.shape[0] != c_in:
+            raise ValueError(f"{op}: {what} must have shape [{c_in}] (one value per input channel), "
+                             f"got {tuple(v.shape)}")
+        if not v.dtype.is_floating_point:
+            raise TypeError(f"{op}: {what} must have a floating dtype, got {v.dtype}")
+        if v.device != input.device:
+            raise ValueError(f"{op}: {what} is on {v.device} but input is on {input.device}")

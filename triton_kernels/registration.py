@@ -14,6 +14,10 @@ Both get fake kernels that mirror the launchers' output layout, and autograd for
 ``conv2d_bias_act`` (conv_kernels.py: implicit-GEMM conv with a scale/shift/residual/ReLU epilogue)
 has no C++ twin; its autograd masks the gradient by the ReLU and calls
 ``aten.convolution_backward``, so a folded model stays differentiable on this backend.
+
+``conv2d_bn_stats`` (the training conv: BN+ReLU prologue on its input, BN-statistics epilogue on its
+output) has no C++ twin and no autograd of its own: its gradients are those of the autograd units in
+:mod:`resnet_fused.triton_units`, which call it inside their forward.
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ SCHEMAS = {
                          "Tensor? weight, Tensor? mean_dy, Tensor? mean_dy_xmu, bool relu) -> Tensor",
     "conv2d_bias_act": "(Tensor input, Tensor weight, Tensor? scale, Tensor? shift, int[] stride, "
                        "int[] padding, int[] dilation, int groups, Tensor? residual, bool relu) -> Tensor",
+    "conv2d_bn_stats": "(Tensor input, Tensor weight, Tensor? in_scale, Tensor? in_shift, bool in_relu, "
+                       "int[] stride, int[] padding, int[] dilation, int groups) "
+                       "-> (Tensor out, Tensor mean, Tensor var)",
 }
 
 LAUNCHERS = {
@@ -43,6 +50,7 @@ LAUNCHERS = {
     "bn_backward_reduce": K.bn_backward_reduce,
     "bn_backward_apply": K.bn_backward_apply,
     "conv2d_bias_act": CK.conv2d_bias_act,
+    "conv2d_bn_stats": CK.conv2d_bn_stats,
 }
 
 OP_KIND = "custom_op" if K.INTERPRETED else "triton_op"
@@ -82,12 +90,21 @@ def _fake_conv2d_bias_act(input, weight, scale, shift, stride, padding, dilation
     return CK.empty_output(input, geo)
 
 
+def _fake_conv2d_bn_stats(input, weight, in_scale, in_shift, in_relu, stride, padding, dilation, groups):
+    geo = CK.conv_geometry(input, weight, None, None, stride, padding, dilation, groups, None,
+                           op="conv2d_bn_stats")
+    CK.check_prologue("conv2d_bn_stats", input, in_scale, in_shift, in_relu)
+    out = CK.empty_output(input, geo)
+    return out, out.new_empty((geo.c_out,), dtype=torch.float32), out.new_empty((geo.c_out,), dtype=torch.float32)
+
+
 FAKES = {
     "bn_stats": _fake_bn_stats,
     "bn_apply": _fake_bn_apply,
     "bn_backward_reduce": _fake_bn_backward_reduce,
     "bn_backward_apply": _fake_bn_backward_apply,
     "conv2d_bias_act": _fake_conv2d_bias_act,
+    "conv2d_bn_stats": _fake_conv2d_bn_stats,
 }
 
 

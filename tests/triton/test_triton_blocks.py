@@ -3,9 +3,13 @@
 Same state_dict (copy.deepcopy + resnet_fused.swap_blocks, non-trivial BN affine parameters and
 running statistics), 2 SGD steps in training mode comparing outputs (<= 1e-5), input and every
 parameter gradient (<= 1e-4) and the running statistics (<= 1e-5) at each step, then eval-mode
-outputs and gradients. Shapes are small: the interpreter is slow.
+outputs and gradients. On this backend the blocks run resnet_fused/triton_units.py (every conv the
+Triton conv with BN+ReLU prologue and statistics epilogue); the op-log test checks that it does.
+Shapes are small: the interpreter is slow.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -91,28 +95,67 @@ def test_block_parity_on_triton(T, ieee_fp32, config, fmt):
             assert err <= TOL_OUT, f"eval, no_grad: output rel_err {err:.3g}"
 
 
-def test_blocks_really_call_the_triton_ops(T, monkeypatch):
-    """Guards the parity test: under use_backend('triton') the units call the Triton ops."""
-    from resnet_fused import ops
+class _OpLog:
+    """The ops that reach the dispatcher (below autograd), as (name, args), forward and backward apart."""
 
-    calls = []
-    real = ops._kernel
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
 
-    def spy(op, input):
-        k = real(op, input)
-        calls.append((op, getattr(k, "_qualified_op_name", getattr(k, "__name__", repr(k)))))
-        return k
+        log = self.calls = []
 
-    monkeypatch.setattr(ops, "_kernel", spy)
-    kwargs, shape = CONFIGS["basic-ds-stride2"]
-    ref, fused = make_pair(block_factory(**kwargs), how="swap")
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                log.append((str(func), args))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def count(self, name, pred=lambda args: True):
+        return sum(1 for f, a in self.calls if f == name and pred(a))
+
+
+TRITON_CONV = "resnet_fused_triton.conv2d_bn_stats.default"
+
+
+@pytest.mark.parametrize("config,convs,inner", [("basic-ds-stride2", 3, 1), ("bottleneck-ds-stride2", 4, 2)])
+def test_triton_training_path_op_log(T, config, convs, inner):
+    """Guards the parity test: in training under use_backend('triton') every conv of the block is
+    the Triton conv with the statistics epilogue (the inner ones with the BN+ReLU prologue), no
+    separate bn_stats and no ATen conv runs in forward; backward is ATen's conv backward on the
+    recomputed BN+ReLU output and the Triton BN backward primitives."""
+    kwargs, shape = CONFIGS[config]
+    _, fused = make_pair(block_factory(**kwargs), how="swap")
     fused = fused.to(DEVICE).train()
+    x = torch.randn(shape, device=DEVICE, requires_grad=True)
+    fwd, bwd = _OpLog(), _OpLog()
     with resnet_fused.use_backend("triton"):
-        x = torch.randn(shape, device=DEVICE, requires_grad=True)
-        fused(x).sum().backward()
-    names = {op for op, _ in calls}
-    assert names == {"bn_stats", "bn_apply", "bn_backward_reduce", "bn_backward_apply"}
-    assert all(k is not None and "resnet_fused_triton" in str(k) for _, k in calls), calls
+        with fwd.mode:
+            out = fused(x)
+        with bwd.mode:
+            out.sum().backward()
+    assert fwd.count(TRITON_CONV) == convs, fwd.calls
+    assert fwd.count(TRITON_CONV, lambda a: a[2] is not None and a[4] is True) == inner
+    names = {f for f, _ in fwd.calls + bwd.calls}
+    assert not any("bn_stats" in n and n != TRITON_CONV for n in names), names
+    assert "aten.convolution.default" not in {f for f, _ in fwd.calls}
+    assert fwd.count("resnet_fused_triton.bn_apply.default") == 1          # the block end only
+    assert bwd.count("aten.convolution_backward.default") == convs
+    assert bwd.count("resnet_fused_triton.bn_apply.default") == inner      # the recomputed BN+ReLU
+    assert not any(n.startswith("resnet_fused.") for n in names), names  # no C++ op on this backend
+    assert bwd.count("resnet_fused_triton.bn_backward_apply.default") >= inner + 2
+    assert x.grad is not None and all(p.grad is not None for p in fused.parameters())
+
+
+def test_other_backends_keep_their_path(T):
+    """The triton path is a dispatch point only for the triton backend: the reference backend runs
+    bn_stats and ATen's conv as before."""
+    kwargs, shape = CONFIGS["basic-ds-stride2"]
+    _, fused = make_pair(block_factory(**kwargs), how="swap")
+    fused = fused.to(DEVICE).train()
+    log = _OpLog()
+    with resnet_fused.use_backend("reference"), log.mode:
+        fused(torch.randn(shape, device=DEVICE))
+    assert log.count(TRITON_CONV) == 0 and log.count("aten.convolution.default") == 3
 
 
 def test_fused_block_compiles_without_graph_breaks_on_triton(T):
@@ -151,3 +194,40 @@ def test_block_reduced_precision_on_triton(T, config, dtype):
             assert _fused_output(out_f) and out_f.dtype == dtype
             err = rel_err(out_f, out_r)
             assert err <= TOL_BF16_OUT, f"train={train}: output rel_err {err:.3g}"
+
+
+@pytest.mark.cuda
+def test_fused_block_compiles_with_inductor_on_triton(T, ieee_fp32):
+    """On a GPU the training conv is a triton_op: inductor compiles the block's forward and backward
+    (no graph break) with eager's results."""
+    kwargs, shape = CONFIGS["bottleneck-ds-stride2"]
+    _, fused = make_pair(block_factory(**kwargs), how="swap")
+    fused = fused.to("cuda").train()
+    eager = copy.deepcopy(fused)
+    x = torch.randn(shape, device="cuda")
+    with resnet_fused.use_backend("triton"):
+        compiled = torch.compile(fused, fullgraph=True)
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_c, out_e = compiled(xc), eager(xe)
+        grad = torch.randn_like(out_e)
+        out_c.backward(grad)
+        out_e.backward(grad)
+    assert rel_err(out_c, out_e) <= TOL_OUT and rel_err(xc.grad, xe.grad) <= TOL_GRAD
+    compare_grads(eager, fused, TOL_GRAD, "compiled: ")
+    compare_buffers(eager, fused, TOL_STATS, "compiled: ")
+
+
+def test_synchronized_bn_takes_the_units_path(T, monkeypatch):
+    """Statistics synchronized across ranks are exchanged by the units' path only: a block whose
+    norms span more than one process must not take the Triton conv-epilogue path (it would
+    normalize with local statistics)."""
+    from resnet_fused import sync_bn, triton_units
+
+    kwargs, shape = CONFIGS["basic-ds-stride2"]
+    _, fused = make_pair(block_factory(**kwargs), how="swap")
+    fused = fused.to(DEVICE).train()
+    x = torch.randn(shape, device=DEVICE)
+    with resnet_fused.use_backend("triton"):
+        assert triton_units.applies(fused, x)
+        monkeypatch.setattr(sync_bn, "sync_world_size", lambda bn, device=None: 2)
+        assert not triton_units.applies(fused, x)
