@@ -103,7 +103,10 @@ def measure(model_name: str = "resnet50", batch: int = 8, size: int = 224, layou
         warmup=warmup, backend=resnet_fused.backend_for(x.device, x.dtype),
         load_avg_1m=os.getloadavg()[0], median_s=med, times_s=t,
         saved_bytes=saved, saved_ratio=saved["fused"] / saved["eager"],
-        rel_err_out=parity.output, rel_err_grad_max=parity.max_grad, compile_s=compile_s)
+        rel_err_out=parity.output, rel_err_grad_max=parity.max_grad,
+        rel_err_grad_worst=max(parity.grads, key=parity.grads.get) if parity.grads else None,
+        rel_err_grad_median=statistics.median(parity.grads.values()) if parity.grads else None,
+        compile_s=compile_s)
     for name in models:
         if name in ("eager", "limit"):
             continue
@@ -139,7 +142,8 @@ def report(rec: Dict[str, Any]) -> str:
     lines.append(f"  saved for backward: eager {sb['eager'] / 2**20:.1f} MiB, fused "
                  f"{sb['fused'] / 2**20:.1f} MiB, ratio {rec['saved_ratio']:.3f}")
     lines.append(f"  parity fused vs eager: output {rec['rel_err_out']:.1e}, worst gradient "
-                 f"{_fmt(rec['rel_err_grad_max'], '.1e')}")
+                 f"{_fmt(rec['rel_err_grad_max'], '.1e')} ({rec['rel_err_grad_worst']}), median "
+                 f"gradient {_fmt(rec['rel_err_grad_median'], '.1e')}")
     return "\n".join(lines)
 
 
