@@ -73,7 +73,7 @@ class _BNReLUConvStats(units._BNReLUConv):
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.batch_stats = batch_stats
         ctx.sync = None   # never synchronized: applies() sends synchronized norms to the units' path
-        ctx.save_for_backward(y, mean, invstd, weight, bias, conv_weight)
+        ctx.save_for_backward(y, mean, invstd, weight, scale, shift, conv_weight)  # as the unit saves
         ctx.mark_non_differentiable(z_mean, z_var)
         return z, z_mean, z_var
 
