@@ -217,13 +217,43 @@ def saved_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> int:
 def limit_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every BatchNorm2d/FrozenBatchNorm2d and ReLU replaced by
     ``nn.Identity``: the same convolutions on the same path with all fused work free, the bound
-    that :func:`headroom_share` measures against."""
+    that :func:`headroom_share` measures against.
+
+    For a model from :func:`resnet_fused.fold_bn` the folded blocks stay on their own path (the
+    pre-packed oneDNN convolution of :func:`resnet_fused.ops.conv_bias_act`) with the folded bias
+    and the ReLU taken out; the residual add stays, as it does in the limit of an eager model
+    (BatchNorm and ReLU removed, the add kept)."""
     limit = copy.deepcopy(model)
     for parent in list(limit.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _FUSED_AWAY):
                 setattr(parent, name, nn.Identity())
+    for module in limit.modules():
+        limit_class = _folded_limit_class(type(module))
+        if limit_class is not None:
+            module.__class__ = limit_class
     return limit
+
+
+def _folded_limit_class(cls: type) -> Optional[type]:
+    """The conv-only twin of a folded block class (no bias, no ReLU; same oneDNN path)."""
+    from .fold import FoldedBasicBlock, FoldedBottleneck
+
+    if cls not in (FoldedBasicBlock, FoldedBottleneck):
+        return None
+    return _FOLDED_LIMITS.setdefault(cls, type(f"{cls.__name__}Limit", (cls,), {
+        "_conv": staticmethod(_conv_only),
+        "__doc__": f"{cls.__name__} without bias or ReLU: the limit on the folded path."}))
+
+
+_FOLDED_LIMITS: Dict[type, type] = {}
+
+
+def _conv_only(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    from . import ops
+
+    return ops.conv_bias_act(x, conv.weight, None, conv.stride, conv.padding, conv.dilation,
+                             conv.groups, residual=residual, relu=False)
 
 
 @torch.no_grad()
