@@ -397,12 +397,12 @@ def _infer_variants(models: _Models, x: Tensor, backend: str, args: argparse.Nam
                  limit=FOLDED_LIMIT if one_dnn else LIMIT),
     ]
     if one_dnn:  # the public-API path of the same folded model, for the choice between them
-        public = _PublicPath(folded)
+        public = bm.PublicPath(folded)
         variants.append(_Variant("folded-aten", public, folded, "aten conv+bias, add/ReLU in place"))
     if models.compile_peer:
-        plain = copy.deepcopy(ref_cl)
-        variants.append(_Variant("compile-freeze", torch.compile(plain, options={"freezing": True}),
-                                 plain, "inductor, freezing, channels_last copy"))
+        compiled, plain = bm.compile_frozen(ref)
+        variants.append(_Variant("compile-freeze", compiled, plain,
+                                 "inductor, freezing, channels_last copy"))
     if args.onnx:
         variants += _onnx_variant(ref, x, notes)
     limit = bm.limit_model(ref)
@@ -414,56 +414,19 @@ def _infer_variants(models: _Models, x: Tensor, backend: str, args: argparse.Nam
     return variants
 
 
-class _PublicPath(nn.Module):
-    """A folded model run on the public-API path of ``ops.conv_bias_act`` (ATen conv2d with bias,
-    then add and ReLU in place) instead of oneDNN post-ops on pre-packed weights."""
-
-    def __init__(self, folded: nn.Module):
-        super().__init__()
-        self.folded = folded
-
-    def forward(self, x: Tensor) -> Tensor:
-        with resnet_fused.ops.use_onednn_prepacked(False):
-            return self.folded(x)
-
-
-class _OnnxRuntime(nn.Module):
-    """An ONNX Runtime CPU session behind a module's call (numpy in, torch out)."""
-
-    def __init__(self, session: Any):
-        super().__init__()
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-
-    def forward(self, x: Tensor) -> Tensor:
-        (out,) = self.session.run(None, {self.input_name: x.detach().cpu().numpy()})
-        return torch.from_numpy(out).to(x.device)
-
-
 def _onnx_variant(ref: nn.Module, x: Tensor, notes: List[str]) -> List[_Variant]:
     """ONNX Runtime CPU on the eval torchvision model (ORT folds BatchNorm itself); skipped with
     a note when the optional extra ``onnx`` is not installed or the input is not on the CPU."""
     try:
-        import onnxruntime as ort
-        import onnxscript  # noqa: F401  (torch.onnx.export needs it)
+        runner = bm.onnxruntime_model(ref, x)
     except ImportError as exc:
         notes.append(f"onnxruntime: skipped ({exc.name} is not installed: "
                      f"pip install 'resnet-fused[onnx]')")
         return []
-    if x.device.type != "cpu":
-        notes.append("onnxruntime: skipped (CPU execution provider only)")
+    except ValueError as exc:
+        notes.append(f"onnxruntime: skipped ({exc})")
         return []
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "model.onnx")
-        torch.onnx.export(copy.deepcopy(ref).eval(), (x.contiguous(),), path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    runner = _OnnxRuntime(session)
-    return [_Variant("onnxruntime", runner, runner, f"onnxruntime {ort.__version__} CPU")]
+    return [_Variant("onnxruntime", runner, runner, runner.description)]
 
 
 def _progress() -> Progress:
