@@ -3,13 +3,17 @@
 
     resnet-fused info
     resnet-fused bench --model resnet50 --batch 16 --size 160 --mode train --json out.json
-    resnet-fused check --model resnet18
+    resnet-fused bench --model resnet50 --mode infer --size 224 --batch 1 --compile --plot out.png
+    resnet-fused check                      # all ten torchvision ResNets; or --model resnet18
 
-``bench`` times torchvision's eager model, the same model with fused blocks (same weights),
-``torch.compile`` of the torchvision model (with ``--compile``) and the limit model (every
-BatchNorm and ReLU removed: the bound where all fused work is free), interleaved in one process
-(:mod:`resnet_fused.benchmarking`), and quotes each speedup with its parity against torchvision.
-Bad arguments end with a one-line message on stderr and a non-zero exit status, not a traceback.
+``bench`` times, interleaved in one process (:mod:`resnet_fused.benchmarking`): torchvision's
+eager model; the same model with fused blocks (same weights); in inference also torchvision on a
+channels_last copy, the BatchNorm-folded model (``fold_bn``) on its oneDNN pre-packed path and on
+the public ATen path, ONNX Runtime when installed; with ``--compile`` ``torch.compile`` of the
+torchvision model (inference: inductor freezing on a channels_last copy); and the limit models
+(every BatchNorm and ReLU removed: the bound where all fused work is free, on the eager path and on
+the folded path). Each speedup is quoted with its parity against torchvision. Bad arguments end
+with a one-line message on stderr and a non-zero exit status, not a traceback.
 """
 from __future__ import annotations
 
