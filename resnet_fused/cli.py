@@ -620,15 +620,16 @@ def _write_plot(path: str, records: List[Dict[str, Any]], machine_line: str) -> 
         for r in rs:
             if r["variant"] in (LIMIT, FOLDED_LIMIT):
                 ax.axvline(r["images_per_s"], color="#d62728", linestyle="--", linewidth=1)
-                ax.text(r["images_per_s"], 1.0, f" {r['variant']}", color="#d62728", fontsize=7,
-                        transform=ax.get_xaxis_transform(), va="bottom", rotation=0)
+                ax.text(r["images_per_s"], 0.98, f"{r['variant']} ", color="#d62728", fontsize=7,
+                        transform=ax.get_xaxis_transform(), va="top", ha="right", rotation=90)
         for bar, r in zip(bars, rs):
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                     f" {r['images_per_s']:,.1f} ({r['speedup']:.2f}x)", va="center", fontsize=8)
         first = rs[0]
         what = "train step (forward + backward)" if mode == "train" else "eval forward"
         ax.set_title(f"{first['model']} {what}, batch {first['batch']}, "
-                     f"{first['size']}x{first['size']}, float32, {first['device']}",
+                     f"{first['size']}x{first['size']}, float32, {first['device']}, "
+                     f"{first['threads']} thread(s)",
                      fontsize=10, loc="left")
         ax.set_xlabel("images/s (median of interleaved rounds; higher is better)")
         ax.set_xlim(0, max(values) * 1.25)
