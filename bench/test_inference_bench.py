@@ -67,9 +67,14 @@ def _onednn(folded, x) -> bool:
         return resnet_fused.ops._mkldnn_eligible(x, folded.conv1.weight, None)
 
 
-@pytest.mark.parametrize("batch", BATCHES, ids=[f"batch{b}" for b in BATCHES])
+def _grouped(what: str):
+    """One pytest-benchmark group per model, shape and comparison."""
+    return [pytest.param(b, id=f"batch{b}", marks=pytest.mark.benchmark(
+        group=f"{MODEL} eval forward {SIZE}x{SIZE} batch {b}: {what}")) for b in BATCHES]
+
+
+@pytest.mark.parametrize("batch", _grouped("folded vs peers"))
 def test_folded_vs_peers(benchmark, settings, batch):
-    benchmark.group = f"inference {MODEL} {SIZE}x{SIZE} batch {batch}: folded vs peers"
     name, model, folded, x = _setup(benchmark, batch)
     variants = {"torchvision": model,
                 "torchvision-cl": copy.deepcopy(model).to(
@@ -102,9 +107,8 @@ def test_folded_vs_peers(benchmark, settings, batch):
     assert all(r.median > 0 for r in results.values())
 
 
-@pytest.mark.parametrize("batch", BATCHES, ids=[f"batch{b}" for b in BATCHES])
+@pytest.mark.parametrize("batch", _grouped("folded paths"))
 def test_folded_paths(benchmark, settings, batch):
-    benchmark.group = f"inference {MODEL} {SIZE}x{SIZE} batch {batch}: folded paths"
     name, model, folded, x = _setup(benchmark, batch)
     onednn = _onednn(folded, x)
     if not onednn:
