@@ -8,6 +8,7 @@
 #   1. the default run (resnet18, batch 8, 112x112, train and infer): the README's main table;
 #   2. and 3. issue 4: ResNet-50 inference at 224x224, batch 1 and batch 8, with torch.compile
 #      (freezing, channels_last copy) as the peer: the folded model's target is >= 1.0x of it.
+# Markdown tables of all three: OUT_DIR/README-tables.md (bench/records_to_markdown.py).
 # Uses `python -m resnet_fused` so the checkout's package runs (set PYTHON to choose the
 # interpreter). About 10 minutes on an idle 2-core CPU, most of it compiling ResNet-50 twice.
 set -euo pipefail
@@ -25,3 +26,6 @@ run() {
 run default
 run resnet50-infer-b1 --model resnet50 --mode infer --size 224 --batch 1 --rounds 20 --compile
 run resnet50-infer-b8 --model resnet50 --mode infer --size 224 --batch 8 --rounds 10 --compile
+"$PYTHON" bench/records_to_markdown.py "$OUT"/default.json "$OUT"/resnet50-infer-b1.json \
+    "$OUT"/resnet50-infer-b8.json > "$OUT/README-tables.md"
+echo "markdown tables for the README: $OUT/README-tables.md"

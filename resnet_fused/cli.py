@@ -53,7 +53,13 @@ TOL_OUT, TOL_GRAD, TOL_STATS = 1e-5, 1e-4, 1e-5
 F64_RATIO = 1.25
 # --compile default, measured (README, "Benchmarks"): see COMPILE_DEFAULT_WHY
 COMPILE_DEFAULT = False
-COMPILE_DEFAULT_WHY = ("--compile is off by default: TODO")
+COMPILE_DEFAULT_WHY = (
+    "--compile is off by default (--no-compile): the default run takes about a minute on an "
+    "idle 2-core CPU (65 s measured), and the compile peers add two cold inductor compilations "
+    "(resnet18 for the train step and, with freezing, for inference: about 75 s together on an "
+    "idle 2-core CPU, several minutes with other load), which would take the default well past "
+    "two minutes. With --compile the first (compiling) calls are timed apart and excluded from "
+    "the rounds.")
 CHECK_ALL_TIME = "TODO"
 # ResNets downsample by 32: the last stage sees ceil(size / 32) squared positions per image
 _STRIDE = 32
