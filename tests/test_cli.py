@@ -39,7 +39,8 @@ def test_bench_writes_json_records(tmp_path, capsys):
         assert by["infer", variant]["rel_err"] <= 1e-5
     assert by["infer", "folded"]["backend"].startswith("oneDNN")
     assert by["infer", "folded"]["limit_variant"] == "limit-folded"
-    assert by["infer", "limit-folded"]["headroom"] == pytest.approx(1.0)
+    # a limit's headroom against itself is 1, or None when (noise) it was not faster than eager
+    assert by["infer", "limit-folded"]["headroom"] in (None, pytest.approx(1.0))
     for r in records:
         assert REQUIRED <= r.keys()
         assert r["model"] == "resnet18" and r["images_per_s"] > 0 and r["speedup"] > 0
