@@ -8,6 +8,9 @@ test's ``extra_info``: per-variant medians (``<variant>_images_per_s``, ``<varia
 ``rel_err`` / ``grad_rel_err`` (fused vs torchvision), ``backend`` and the settings. The time
 pytest-benchmark itself records is that of the whole interleaved call (all variants together).
 
+Inference against torch.compile with freezing, ONNX Runtime and the folded model's two paths
+(issue 4) is in ``test_inference_bench.py``, with its own settings (see there).
+
 Commands (from the repository root; bench/ is not in the default ``testpaths``)::
 
     python -m pytest bench/ --benchmark-disable -q         # smoke: tiny shapes, one round each

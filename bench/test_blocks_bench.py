@@ -29,8 +29,13 @@ def _input(kind: str, settings):
     return _block(kind, shape), torch.randn(shape)
 
 
-@pytest.mark.benchmark(group="block train step")
-@pytest.mark.parametrize("kind", KINDS)
+def _grouped(mode: str):
+    """One pytest-benchmark group per block kind and mode: ``<kind> block <mode>``."""
+    return [pytest.param(kind, id=kind, marks=pytest.mark.benchmark(group=f"{kind} block {mode}"))
+            for kind in KINDS]
+
+
+@pytest.mark.parametrize("kind", _grouped("train step"))
 def test_block_train(compare, settings, kind):
     block, x = _input(kind, settings)
     weights = torch.randn(x.shape)  # a fixed random output gradient: no symmetric special case
@@ -38,8 +43,7 @@ def test_block_train(compare, settings, kind):
     assert all(r.median > 0 for r in results.values())
 
 
-@pytest.mark.benchmark(group="block eval forward")
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", _grouped("eval forward"))
 def test_block_infer(compare, settings, kind):
     block, x = _input(kind, settings)
     results = compare(block, x, "infer")

@@ -23,8 +23,13 @@ def _model_and_input(name: str, settings):
     return bm.warm_running_stats(model, x), x
 
 
-@pytest.mark.benchmark(group="model train step")
-@pytest.mark.parametrize("name", MODELS)
+def _grouped(mode: str):
+    """One pytest-benchmark group per model and mode: ``<model> <mode>``."""
+    return [pytest.param(name, id=name, marks=pytest.mark.benchmark(group=f"{name} {mode}"))
+            for name in MODELS]
+
+
+@pytest.mark.parametrize("name", _grouped("train step"))
 def test_model_train(compare, settings, name):
     model, x = _model_and_input(name, settings)
     labels = torch.randint(0, 1000, (x.shape[0],))
@@ -32,8 +37,7 @@ def test_model_train(compare, settings, name):
     assert all(r.median > 0 for r in results.values())
 
 
-@pytest.mark.benchmark(group="model eval forward")
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", _grouped("eval forward"))
 def test_model_infer(compare, settings, name):
     model, x = _model_and_input(name, settings)
     results = compare(model, x, "infer")

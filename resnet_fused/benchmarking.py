@@ -37,6 +37,7 @@ __all__ = [
     "infer_forward", "rel_err", "headroom_share", "saved_bytes", "limit_model",
     "randomize_bn_affine", "warm_running_stats", "Parity",
     "forward_backward", "grad_names", "train_parity", "infer_parity",
+    "compile_frozen", "PublicPath", "onnxruntime_model",
 ]
 
 TensorOrSeq = Union[Tensor, Sequence[Tensor]]
@@ -217,13 +218,43 @@ def saved_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> int:
 def limit_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every BatchNorm2d/FrozenBatchNorm2d and ReLU replaced by
     ``nn.Identity``: the same convolutions on the same path with all fused work free, the bound
-    that :func:`headroom_share` measures against."""
+    that :func:`headroom_share` measures against.
+
+    For a model from :func:`resnet_fused.fold_bn` the folded blocks stay on their own path (the
+    pre-packed oneDNN convolution of :func:`resnet_fused.ops.conv_bias_act`) with the folded bias
+    and the ReLU taken out; the residual add stays, as it does in the limit of an eager model
+    (BatchNorm and ReLU removed, the add kept)."""
     limit = copy.deepcopy(model)
     for parent in list(limit.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _FUSED_AWAY):
                 setattr(parent, name, nn.Identity())
+    for module in limit.modules():
+        limit_class = _folded_limit_class(type(module))
+        if limit_class is not None:
+            module.__class__ = limit_class
     return limit
+
+
+def _folded_limit_class(cls: type) -> Optional[type]:
+    """The conv-only twin of a folded block class (no bias, no ReLU; same oneDNN path)."""
+    from .fold import FoldedBasicBlock, FoldedBottleneck
+
+    if cls not in (FoldedBasicBlock, FoldedBottleneck):
+        return None
+    return _FOLDED_LIMITS.setdefault(cls, type(f"{cls.__name__}Limit", (cls,), {
+        "_conv": staticmethod(_conv_only),
+        "__doc__": f"{cls.__name__} without bias or ReLU: the limit on the folded path."}))
+
+
+_FOLDED_LIMITS: Dict[type, type] = {}
+
+
+def _conv_only(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    from . import ops
+
+    return ops.conv_bias_act(x, conv.weight, None, conv.stride, conv.padding, conv.dilation,
+                             conv.groups, residual=residual, relu=False)
 
 
 @torch.no_grad()
@@ -302,3 +333,90 @@ def infer_parity(ref: nn.Module, other: nn.Module, x: Tensor) -> Parity:
     """rel_err of ``other``'s output against ``ref``'s under ``torch.no_grad``."""
     with torch.no_grad():
         return Parity(rel_err(other(x), ref(x)), {})
+
+
+# ------------------------------------------------------------------------------------------------
+# inference peers
+# ------------------------------------------------------------------------------------------------
+def compile_frozen(model: nn.Module) -> Tuple[nn.Module, nn.Module]:
+    """The strongest PyTorch inference peer: ``torch.compile`` with inductor freezing
+    (``torch._inductor.config.freezing = True``: parameters become constants, so inductor folds
+    BatchNorm and runs oneDNN convolutions with fused post-ops on pre-packed weights) of a
+    channels_last copy of the eval-mode ``model``. Returns (the compiled model, the plain copy it
+    wraps). The first call under ``torch.no_grad`` compiles.
+
+    The freezing flag is set around every call of the returned model rather than for the whole
+    process (compilation happens lazily, at the first call or a recompile). It must be the config
+    itself: ``torch.compile(..., options={"freezing": True})`` compiles without freezing in torch
+    2.14 (measured: the graph then calls ``aten::convolution``, not ``mkldnn::_convolution_pointwise``).
+    """
+    plain = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    return _Freezing(torch.compile(plain)), plain
+
+
+class _Freezing(nn.Module):
+    """Calls a ``torch.compile`` wrapper with ``torch._inductor.config.freezing = True``."""
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
+
+
+class PublicPath(nn.Module):
+    """A folded model (:func:`resnet_fused.fold_bn`) run on the public-API path of
+    ``ops.conv_bias_act`` (ATen ``conv2d`` with bias, then add and ReLU in place) instead of oneDNN
+    fused post-ops on pre-packed weights: the two choices for the folded blocks, side by side."""
+
+    def __init__(self, folded: nn.Module):
+        super().__init__()
+        self.folded = folded
+
+    def forward(self, x: Tensor) -> Tensor:
+        from . import ops
+
+        with ops.use_onednn_prepacked(False):
+            return self.folded(x)
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX Runtime CPU session behind a module call (numpy in, torch out)."""
+
+    def __init__(self, session: Any, description: str):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+        self.description = description
+
+    def forward(self, x: Tensor) -> Tensor:
+        (out,) = self.session.run(None, {self.input_name: x.detach().contiguous().numpy()})
+        return torch.from_numpy(out)
+
+
+def onnxruntime_model(model: nn.Module, x: Tensor, threads: Optional[int] = None
+                      ) -> OnnxRuntimeModel:
+    """``model`` (eval mode; ONNX Runtime folds BatchNorm and fuses conv+ReLU itself) exported with
+    ``torch.onnx.export`` for inputs shaped like ``x`` and loaded in an ONNX Runtime CPU session with
+    ``threads`` intra-op threads (default: torch's count). Raises ImportError without the optional
+    extra ``onnx`` (onnxruntime, onnxscript), ValueError for an input not on the CPU."""
+    import onnxruntime as ort
+    import onnxscript  # noqa: F401  (torch.onnx.export needs it)
+
+    if x.device.type != "cpu":
+        raise ValueError("ONNX Runtime runs here on the CPU execution provider only")
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        torch.onnx.export(copy.deepcopy(model).eval(), (x.contiguous(),), path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return OnnxRuntimeModel(session, f"onnxruntime {ort.__version__} CPU")

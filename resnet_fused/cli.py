@@ -3,13 +3,17 @@
 
     resnet-fused info
     resnet-fused bench --model resnet50 --batch 16 --size 160 --mode train --json out.json
-    resnet-fused check --model resnet18
+    resnet-fused bench --model resnet50 --mode infer --size 224 --batch 1 --compile --plot out.png
+    resnet-fused check                      # all ten torchvision ResNets; or --model resnet18
 
-``bench`` times torchvision's eager model, the same model with fused blocks (same weights),
-``torch.compile`` of the torchvision model (with ``--compile``) and the limit model (every
-BatchNorm and ReLU removed: the bound where all fused work is free), interleaved in one process
-(:mod:`resnet_fused.benchmarking`), and quotes each speedup with its parity against torchvision.
-Bad arguments end with a one-line message on stderr and a non-zero exit status, not a traceback.
+``bench`` times, interleaved in one process (:mod:`resnet_fused.benchmarking`): torchvision's
+eager model; the same model with fused blocks (same weights); in inference also torchvision on a
+channels_last copy, the BatchNorm-folded model (``fold_bn``) on its oneDNN pre-packed path and on
+the public ATen path, ONNX Runtime when installed; with ``--compile`` ``torch.compile`` of the
+torchvision model (inference: inductor freezing on a channels_last copy); and the limit models
+(every BatchNorm and ReLU removed: the bound where all fused work is free, on the eager path and on
+the folded path). Each speedup is quoted with its parity against torchvision. Bad arguments end
+with a one-line message on stderr and a non-zero exit status, not a traceback.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torchvision
@@ -47,6 +51,16 @@ TOL_OUT, TOL_GRAD, TOL_STATS = 1e-5, 1e-4, 1e-5
 # worst error of the kind against a float64 torchvision must be within this factor of
 # torchvision's own worst (the ratio DESIGN.md uses for bfloat16 gradients).
 F64_RATIO = 1.25
+# --compile default, measured (README, "Benchmarks"): see COMPILE_DEFAULT_WHY
+COMPILE_DEFAULT = True
+COMPILE_DEFAULT_WHY = (
+    "--compile is on by default (--no-compile leaves the compile peers out): measured on the "
+    "2-core CPU at load ~2, the default run takes 13 s without them and 57 s with them from a "
+    "cold inductor cache (compiling resnet18's training step took 33 s, the freezing inference "
+    "compile 6 s), within the two-minute budget; with other load on the machine it takes "
+    "several times longer. The first (compiling) call of each compiled peer is timed apart and "
+    "excluded from the rounds.")
+CHECK_ALL_TIME = "1 to 3 minutes at load ~3 (about 30 minutes with heavy other load)"
 # ResNets downsample by 32: the last stage sees ceil(size / 32) squared positions per image
 _STRIDE = 32
 
@@ -93,10 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_common(p: argparse.ArgumentParser, batch: int, size: int) -> None:
-    p.add_argument("--model", default="resnet18", choices=MODELS, metavar="NAME",
-                   help=f"torchvision model, random weights (default resnet18; one of "
-                        f"{', '.join(MODELS)})")
+def _add_common(p: argparse.ArgumentParser, batch: int, size: int, every_model: bool = False
+                ) -> None:
+    if every_model:
+        p.add_argument("--model", default="all", choices=MODELS + ("all",), metavar="NAME",
+                       help=f"torchvision model, random weights (default all: each of "
+                            f"{', '.join(MODELS)} in turn)")
+    else:
+        p.add_argument("--model", default="resnet18", choices=MODELS, metavar="NAME",
+                       help=f"torchvision model, random weights (default resnet18; one of "
+                            f"{', '.join(MODELS)})")
     p.add_argument("--batch", type=_positive_int, default=batch,
                    help=f"batch size (default {batch})")
     p.add_argument("--size", type=_positive_int, default=size,
@@ -109,14 +129,17 @@ def _add_common(p: argparse.ArgumentParser, batch: int, size: int) -> None:
 
 def _add_bench_parser(commands) -> None:
     p = commands.add_parser(
-        "bench", help="throughput of torchvision vs fused blocks vs the limit model",
-        description="Times torchvision eager, fused blocks (same weights) and the limit model "
-                    "(all BatchNorm/ReLU removed), interleaved in one process, median over "
-                    "rounds; with --compile also torch.compile of the torchvision model. "
-                    "--compile is off by default: with a cold inductor cache, compiling resnet18 "
-                    "(train and eval) takes 75 s on an idle 2-core CPU and over 3 minutes on a "
-                    "busy one, against about 30 s for the rest of the default run. Compilation "
-                    "is timed on its own, never inside the rounds.")
+        "bench", help="throughput of torchvision vs fused/folded models vs their peers and limit",
+        description="Times, interleaved in one process after warm-up (median over rounds, fixed "
+                    "thread count): torchvision eager; fused blocks (swap_blocks, same weights) "
+                    "in training and inference; in inference also torchvision on a "
+                    "channels_last copy, the BatchNorm-folded model (fold_bn) on its oneDNN "
+                    "pre-packed path and on the public ATen path, and ONNX Runtime CPU when the "
+                    "extra 'onnx' is installed; with --compile torch.compile of the torchvision "
+                    "model (inference: freezing on a channels_last copy); and the limit models "
+                    "(BatchNorm and ReLU replaced by Identity, on the eager and the folded path). "
+                    "Compilation is timed on its own, never inside the rounds. "
+                    + COMPILE_DEFAULT_WHY)
     _add_common(p, batch=8, size=112)
     p.add_argument("--mode", default="both", choices=("train", "infer", "both"),
                    help="train: forward+backward of a cross-entropy loss; infer: eval forward "
@@ -128,10 +151,17 @@ def _add_bench_parser(commands) -> None:
                    help="untimed rounds first (default 1)")
     p.add_argument("--channels-last", action="store_true",
                    help="models and input in channels_last")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="add torch.compile of the torchvision model as a peer (default off: "
-                        "slow to compile on a small CPU, see above)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=COMPILE_DEFAULT,
+                   help="add torch.compile of the torchvision model as a peer (training: "
+                        "default options; inference: freezing on a channels_last copy). "
+                        f"Default {'on' if COMPILE_DEFAULT else 'off'}, see above")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                   help="inference: add ONNX Runtime CPU when installed (extra 'onnx'; "
+                        "default on, skipped with a note when absent)")
     p.add_argument("--json", metavar="PATH", help="also write the results as a list of records")
+    p.add_argument("--plot", metavar="PATH",
+                   help="also write a PNG bar chart of images/s per variant, limit marked "
+                        "(needs matplotlib: the extra 'plot')")
 
 
 def _add_check_parser(commands) -> None:
@@ -141,8 +171,11 @@ def _add_check_parser(commands) -> None:
                     f"outputs <= {TOL_OUT:g}, gradients <= {TOL_GRAD:g}, running statistics "
                     f"<= {TOL_STATS:g}, or, where float32 itself is that far off (deep models), "
                     f"an error vs float64 within {F64_RATIO}x torchvision's own. Exit status 1 on "
-                    f"any failure.")
-    _add_common(p, batch=2, size=64)
+                    f"any failure. The folded model (fold_bn of the eval-mode model after the "
+                    f"training steps) is checked against the eval torchvision output "
+                    f"(<= {TOL_OUT:g}). The default, all ten torchvision ResNets at batch 2, "
+                    f"64x64, takes {CHECK_ALL_TIME} on a 2-core CPU.")
+    _add_common(p, batch=2, size=64, every_model=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -235,6 +268,7 @@ class _Variant:
     model: nn.Module  # what is called (for torch.compile, the compiled wrapper)
     module: nn.Module  # the plain module that holds its parameters and buffers
     backend: str  # what runs its BatchNorm/ReLU work
+    limit: str = "limit"  # the limit model on the same path, for the headroom column
 
 
 @dataclass
@@ -286,8 +320,11 @@ def _bench(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     modes = ("train", "infer") if args.mode == "both" else (args.mode,)
     _validate_shape(args.batch, args.size, "train" in modes)
-    if args.json:
-        _validate_json_path(args.json)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            _validate_out_path(flag, path)
+    if args.plot:
+        _require_matplotlib()
     threads = args.threads or torch.get_num_threads()
     console = _console()
     with resnet_fused.use_backend(args.backend), bm.fixed_threads(threads):
@@ -295,48 +332,111 @@ def _bench(args: argparse.Namespace) -> int:
         machine = machine_info(device, threads)
         console.print(_machine_line(machine))
         x, labels = _random_batch(args.batch, args.size, device, args.channels_last)
-        variants = _variants(args.model, x, backend, args.compile)
+        models = _Models.build(args.model, x, args.compile)
         records: List[Dict[str, Any]] = []
+        notes: List[str] = []
         with _progress() as progress:
             for mode in modes:
+                variants = (_train_variants(models, backend) if mode == "train"
+                            else _infer_variants(models, x, backend, args, notes))
                 rows = _measure_mode(mode, variants, x, labels, args, threads, progress)
                 console.print(_table(rows, mode, args, device, threads))
                 records += _records(rows, mode, args, device, machine)
+        for note in notes:
+            console.print(note, markup=False)
     if args.json:
         _write_json(args.json, records)
+    if args.plot:
+        _write_plot(args.plot, records, _machine_line(machine))
+        console.print(f"plot: {args.plot}")
     return 0
 
 
-def _variants(name: str, x: Tensor, backend: str, compile_peer: bool) -> List[_Variant]:
-    """The models to compare, all with the same weights: torchvision first (the reference)."""
-    ref = _reference_model(name, x)
-    fused = _fused_copy(ref)
+# The limit a variant's headroom is measured against: the limit model on the same path.
+LIMIT, FOLDED_LIMIT = "limit", "limit-folded"
+
+
+@dataclass
+class _Models:
+    """The models shared by the modes, all with the same weights: torchvision (the reference),
+    its fused copy and (with --compile) the torch.compile peer of the training step."""
+
+    ref: nn.Module
+    fused: nn.Module
+    compiled_train: Optional[Tuple[nn.Module, nn.Module]]  # (compiled wrapper, its module)
+    compile_peer: bool
+
+    @classmethod
+    def build(cls, name: str, x: Tensor, compile_peer: bool) -> "_Models":
+        ref = _reference_model(name, x)
+        compiled = None
+        if compile_peer:
+            plain = copy.deepcopy(ref)
+            compiled = (torch.compile(plain), plain)
+        return cls(ref, _fused_copy(ref), compiled, compile_peer)
+
+
+def _train_variants(models: _Models, backend: str) -> List[_Variant]:
+    ref, fused = models.ref, models.fused
     variants = [_Variant("torchvision", ref, ref, "aten"), _Variant("fused", fused, fused, backend)]
-    if compile_peer:
-        plain = copy.deepcopy(ref)
-        variants.append(_Variant("compile", torch.compile(plain), plain, "inductor"))
+    if models.compiled_train is not None:
+        variants.append(_Variant("compile", *models.compiled_train, "inductor"))
     limit = bm.limit_model(ref)
-    variants.append(_Variant("limit", limit, limit, "aten (no BN/ReLU)"))
+    variants.append(_Variant(LIMIT, limit, limit, "aten (no BN/ReLU)"))
     return variants
 
 
-def _folded_variant(reference: nn.Module, x: Tensor) -> _Variant:
-    """``fold_bn`` of the eval-mode torchvision model: conv + bias (+ add) + ReLU per layer."""
-    folded = resnet_fused.fold_bn(reference)
-    conv = folded.conv1
+def _infer_variants(models: _Models, x: Tensor, backend: str, args: argparse.Namespace,
+                    notes: List[str]) -> List[_Variant]:
+    """Eval-mode variants, built from the reference's state when inference starts (the fold
+    and the compiled copy capture the running statistics of that moment)."""
+    ref, fused = models.ref, models.fused
+    fused.load_state_dict(ref.state_dict())  # the train rounds called them different numbers of times
+    ref.eval()
+    fused.eval()
+    ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    folded = resnet_fused.fold_bn(ref)
     with torch.no_grad():
-        one_dnn = resnet_fused.ops._mkldnn_eligible(x, conv.weight, None)
-    return _Variant("folded", folded, folded, "oneDNN post-ops" if one_dnn else "aten conv+bias")
+        one_dnn = resnet_fused.ops._mkldnn_eligible(x, folded.conv1.weight, None)
+    variants = [
+        _Variant("torchvision", ref, ref, "aten"),
+        _Variant("torchvision-cl", ref_cl, ref_cl, "aten, channels_last copy"),
+        _Variant("fused", fused, fused, backend),
+        _Variant("folded", folded, folded,
+                 "oneDNN post-ops, pre-packed" if one_dnn else "aten conv+bias",
+                 limit=FOLDED_LIMIT if one_dnn else LIMIT),
+    ]
+    if one_dnn:  # the public-API path of the same folded model, for the choice between them
+        public = bm.PublicPath(folded)
+        variants.append(_Variant("folded-aten", public, folded, "aten conv+bias, add/ReLU in place"))
+    if models.compile_peer:
+        compiled, plain = bm.compile_frozen(ref)
+        variants.append(_Variant("compile-freeze", compiled, plain,
+                                 "inductor, freezing, channels_last copy"))
+    if args.onnx:
+        variants += _onnx_variant(ref, x, notes)
+    limit = bm.limit_model(ref)
+    variants.append(_Variant(LIMIT, limit, limit, "aten (no BN/ReLU)"))
+    if one_dnn:
+        folded_limit = bm.limit_model(folded)
+        variants.append(_Variant(FOLDED_LIMIT, folded_limit, folded_limit,
+                                 "oneDNN, pre-packed (no bias/ReLU)", limit=FOLDED_LIMIT))
+    return variants
 
 
-def _sync_state(variants: List[_Variant]) -> None:
-    """Gives every variant with BatchNorm the reference's running statistics: the models are
-    called different numbers of times (parity runs the reference once per peer), and the eval
-    comparison must start from one state. The limit model has no statistics to sync."""
-    state = variants[0].module.state_dict()
-    for v in variants[1:]:
-        if v.name not in ("limit", "folded"):
-            v.module.load_state_dict(state)
+def _onnx_variant(ref: nn.Module, x: Tensor, notes: List[str]) -> List[_Variant]:
+    """ONNX Runtime CPU on the eval torchvision model (ORT folds BatchNorm itself); skipped with
+    a note when the optional extra ``onnx`` is not installed or the input is not on the CPU."""
+    try:
+        runner = bm.onnxruntime_model(ref, x)
+    except ImportError as exc:
+        notes.append(f"onnxruntime: skipped ({exc.name} is not installed: "
+                     f"pip install 'resnet-fused[onnx]')")
+        return []
+    except ValueError as exc:
+        notes.append(f"onnxruntime: skipped ({exc})")
+        return []
+    return [_Variant("onnxruntime", runner, runner, runner.description)]
 
 
 def _progress() -> Progress:
@@ -350,11 +450,8 @@ def _measure_mode(mode: str, variants: List[_Variant], x: Tensor, labels: Tensor
     """Compile (timed once, outside the rounds), parity, saved bytes, then interleaved rounds."""
     train = mode == "train"
     loss = _ce_loss(labels)
-    _sync_state(variants)
     for v in variants:
         v.module.train(train)
-    if not train:  # inference adds the BatchNorm-folded model, built from the synced eval state
-        variants = variants[:2] + [_folded_variant(variants[0].module, x)] + variants[2:]
     calls = {v.name: bm.train_step(v.model, x, loss) if train else bm.infer_forward(v.model, x)
              for v in variants}
     total = (args.warmup + args.rounds) * len(variants)
@@ -374,17 +471,19 @@ def _measure_mode(mode: str, variants: List[_Variant], x: Tensor, labels: Tensor
 def _compile_times(calls: Dict[str, Callable[[], None]], progress: Progress, task: Any,
                    label: str) -> Dict[str, float]:
     """torch.compile compiles on the first call of each mode: time that call on its own."""
-    if "compile" not in calls:
-        return {}
-    progress.update(task, description=f"{label}: torch.compile (first call)")
-    return {"compile": bm.timed_call(calls["compile"])}
+    times = {}
+    for name in ("compile", "compile-freeze"):
+        if name in calls:
+            progress.update(task, description=f"{label}: {name} (first call compiles)")
+            times[name] = bm.timed_call(calls[name])
+    return times
 
 
 def _parity(train: bool, ref: nn.Module, v: _Variant, x: Tensor, loss) -> Optional[bm.Parity]:
-    """rel_err vs torchvision; none for torchvision itself and for the limit model (another
-    function). The compiled peer is checked without the input gradient: asking for it would make
+    """rel_err vs torchvision; none for torchvision itself and for the limit models (other
+    functions). The compiled peer is checked without the input gradient: asking for it would make
     torch.compile compile the model a second time."""
-    if v.name in ("torchvision", "limit"):
+    if v.name in ("torchvision", LIMIT, FOLDED_LIMIT):
         return None
     if not train:
         return bm.infer_parity(ref, v.model, x)
@@ -401,8 +500,11 @@ def _saved(v: _Variant, x: Tensor) -> Optional[int]:
 
 
 def _speedup_and_headroom(row: _Row, rows: List[_Row]):
+    """Speedup over torchvision eager (NCHW or the input's layout), and the share of the headroom
+    to the variant's own limit (the limit model on the same path) that it captured."""
     by_name = {r.variant.name: r.timing.median for r in rows}
-    eager, limit = by_name["torchvision"], by_name["limit"]
+    eager = by_name["torchvision"]
+    limit = by_name.get(row.variant.limit, by_name[LIMIT])
     t = row.timing.median
     return eager / t, bm.headroom_share(eager, t, limit)
 
@@ -412,15 +514,15 @@ def _table(rows: List[_Row], mode: str, args: argparse.Namespace, device: torch.
     train = mode == "train"
     layout = "channels_last" if args.channels_last else "NCHW"
     title = (f"{args.model} {'train step' if train else 'eval forward'}: batch {args.batch}, "
-             f"{args.size}x{args.size}, float32, {device.type}, {layout}, {threads} threads, "
-             f"median of {args.rounds} rounds (+{args.warmup} warmup)")
+             f"{args.size}x{args.size}, float32, {device.type}, {layout} input, {threads} threads, "
+             f"median of {args.rounds} rounds (+{args.warmup} warmup), interleaved")
     table = Table(title=title, title_justify="left")
     for header in ("variant", "images/s", "ms (IQR)", "speedup", "headroom", "rel_err out"):
         table.add_column(header, justify="left" if header == "variant" else "right")
     if train:
         table.add_column("rel_err grad (max)", justify="right")
         table.add_column("saved for bwd", justify="right")
-    table.add_column("backend")
+    table.add_column("backend (what ran)")
     for row in rows:
         speedup, headroom = _speedup_and_headroom(row, rows)
         cells = [row.variant.name, f"{args.batch / row.timing.median:,.1f}",
@@ -432,10 +534,15 @@ def _table(rows: List[_Row], mode: str, args: argparse.Namespace, device: torch.
             cells.append("—" if row.saved is None else f"{row.saved / 2**20:,.1f} MiB")
         cells.append(row.variant.backend)
         table.add_row(*cells)
+    caption = [f"speedup: vs torchvision eager; headroom: (t_eager - t) / (t_eager - t_limit), "
+               f"t_limit from '{LIMIT}' (BN and ReLU replaced by Identity)"]
+    if any(r.variant.name == FOLDED_LIMIT for r in rows):
+        caption[0] += f", or from '{FOLDED_LIMIT}' for the folded rows (same oneDNN path)"
     compiled = [r for r in rows if r.compile_s is not None]
     if compiled:
-        table.caption = (f"torch.compile: first call (compilation) took "
-                         f"{compiled[0].compile_s:.1f} s, excluded")
+        caption.append(f"{compiled[0].variant.name}: first call (compilation) took "
+                       f"{compiled[0].compile_s:.1f} s, excluded")
+    table.caption = "; ".join(caption)
     return table
 
 
@@ -450,10 +557,11 @@ def _records(rows: List[_Row], mode: str, args: argparse.Namespace, device: torc
             "model": args.model, "mode": mode, "variant": row.variant.name,
             "batch": args.batch, "size": args.size, "dtype": "float32", "device": device.type,
             "memory_format": "channels_last" if args.channels_last else "contiguous",
+            "threads": machine["threads"],
             "rounds": args.rounds, "warmup": args.warmup,
             "median_s": row.timing.median, "min_s": row.timing.min, "iqr_s": row.timing.iqr,
             "images_per_s": args.batch / row.timing.median, "speedup": speedup,
-            "headroom": headroom,
+            "headroom": headroom, "limit_variant": row.variant.limit,
             "rel_err": 0.0 if reference else (row.parity.output if row.parity else None),
             "grad_rel_err": 0.0 if reference and mode == "train" else (
                 row.parity.max_grad if row.parity else None),
@@ -463,11 +571,11 @@ def _records(rows: List[_Row], mode: str, args: argparse.Namespace, device: torc
     return records
 
 
-def _validate_json_path(path: str) -> None:
-    """Refuses an impossible --json path before the run, not after minutes of measuring."""
+def _validate_out_path(flag: str, path: str) -> None:
+    """Refuses an impossible output path before the run, not after minutes of measuring."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UsageError(f"--json {path}: no such directory {folder}")
+        raise UsageError(f"{flag} {path}: no such directory {folder}")
 
 
 def _write_json(path: str, records: List[Dict[str, Any]]) -> None:
@@ -477,6 +585,70 @@ def _write_json(path: str, records: List[Dict[str, Any]]) -> None:
             f.write("\n")
     except OSError as exc:
         raise UsageError(f"--json {path}: {exc.strerror}") from None
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib, which is not installed: "
+                         "pip install 'resnet-fused[plot]'") from None
+
+
+def _write_plot(path: str, records: List[Dict[str, Any]], machine_line: str) -> None:
+    """One horizontal bar chart per mode: images/s per variant (median), the speedup written on
+    each bar, the limit models hatched and their throughput marked by a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    from matplotlib import pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in records))
+    per_mode = {m: [r for r in records if r["mode"] == m] for m in modes}
+    heights = [0.45 * len(rs) + 1.2 for rs in per_mode.values()]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(9, sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    colors = {"torchvision": "#7f7f7f", "torchvision-cl": "#a5a5a5", "fused": "#1f77b4",
+              "folded": "#1f77b4", "folded-aten": "#6baed6", "compile": "#ff7f0e",
+              "compile-freeze": "#ff7f0e", "onnxruntime": "#2ca02c"}
+    for ax, mode in zip(axes[:, 0], modes):
+        rs = per_mode[mode][::-1]  # first variant on top
+        names = [r["variant"] for r in rs]
+        values = [r["images_per_s"] for r in rs]
+        limits = [r["variant"] in (LIMIT, FOLDED_LIMIT) for r in rs]
+        bars = ax.barh(names, values, color=[colors.get(n, "#bbbbbb") if not lim else "white"
+                                             for n, lim in zip(names, limits)],
+                       edgecolor=["#444444" if lim else "none" for lim in limits],
+                       hatch=None)
+        for bar, lim in zip(bars, limits):
+            if lim:
+                bar.set_hatch("//")
+        for r in rs:
+            if r["variant"] in (LIMIT, FOLDED_LIMIT):
+                ax.axvline(r["images_per_s"], color="#d62728", linestyle="--", linewidth=1)
+                ax.text(r["images_per_s"], 0.98, f"{r['variant']} ", color="#d62728", fontsize=7,
+                        transform=ax.get_xaxis_transform(), va="top", ha="right", rotation=90)
+        for bar, r in zip(bars, rs):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                    f" {r['images_per_s']:,.1f} ({r['speedup']:.2f}x)", va="center", fontsize=8)
+        first = rs[0]
+        what = "train step (forward + backward)" if mode == "train" else "eval forward"
+        ax.set_title(f"{first['model']} {what}, batch {first['batch']}, "
+                     f"{first['size']}x{first['size']}, float32, {first['device']}, "
+                     f"{first['threads']} thread(s)",
+                     fontsize=10, loc="left")
+        ax.set_xlabel("images/s (median of interleaved rounds; higher is better)")
+        ax.set_xlim(0, max(values) * 1.25)
+        ax.grid(axis="x", alpha=0.3)
+    fig.text(0.01, 0.005, "hatched, red dashed line: limit (BatchNorm and ReLU removed, same "
+             "path).  " + machine_line.replace("machine: ", ""), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise UsageError(f"--plot {path}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -564,22 +736,44 @@ def run_check(name: str, batch: int, size: int, device: torch.device, steps: int
     x, _ = _random_batch(batch, size, device)
     with torch.no_grad():
         evals = [m.eval()(x.to(_dtype_of(m))) for m in models]
+        folded_out = resnet_fused.fold_bn(tv)(x)
     return models[0].resnet_fused_report, [
         CheckResult("train output", TOL_OUT, found["out"]),
         CheckResult("input gradient", TOL_GRAD, found["input"]),
         CheckResult("parameter gradients", TOL_GRAD, found["params"]),
         CheckResult("running statistics", TOL_STATS, stats),
         CheckResult("eval output", TOL_OUT, {"after the train steps": _errors(*evals)}),
+        CheckResult("folded model (fold_bn) output", TOL_OUT,
+                    {"fold_bn(torchvision).eval()": _errors(folded_out, *evals[1:])}),
     ]
 
 
 def _check(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     _validate_shape(args.batch, args.size, train=True)
+    names = MODELS if args.model == "all" else (args.model,)
+    console = _console()
+    failed = []
     with resnet_fused.use_backend(args.backend), _ieee_fp32(device):
         backend = resnet_fused.backend_for(device, torch.float32)
-        swapped, results = run_check(args.model, args.batch, args.size, device)
-    title = (f"{args.model} fused vs torchvision: batch {args.batch}, {args.size}x{args.size}, "
+        with _progress() as progress:
+            task = progress.add_task("check", total=len(names))
+            for name in names:
+                progress.update(task, description=f"check {name}")
+                swapped, results = run_check(name, args.batch, args.size, device)
+                console.print(_check_table(name, swapped, results, args, device, backend))
+                if not all(r.ok for r in results):
+                    failed.append(name)
+                progress.advance(task)
+    if len(names) > 1:
+        console.print(f"check: {len(names) - len(failed)}/{len(names)} models pass"
+                      + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _check_table(name: str, swapped: Any, results: List[CheckResult], args: argparse.Namespace,
+                 device: torch.device, backend: str) -> Table:
+    title = (f"{name} fused vs torchvision: batch {args.batch}, {args.size}x{args.size}, "
              f"float32, {device.type}, backend {backend}")
     caption = (f"swap_blocks: {swapped}. A line passes within tolerance, or when the fused float32 "
                f"error vs float64 is within {F64_RATIO}x torchvision's own.")
@@ -592,8 +786,7 @@ def _check(args: argparse.Namespace) -> int:
         table.add_row(f"{r.what} ({len(r.errors)})", f"{r.max('vs_torchvision'):.2e}",
                       f"{r.tol:.0e}", f"{r.max('torchvision_f64'):.2e}", f"{r.max('fused_f64'):.2e}",
                       r.worst, "[green]ok[/green]" if r.ok else "[red]FAIL[/red]")
-    _console().print(table)
-    return 0 if all(r.ok for r in results) else 1
+    return table
 
 
 _COMMANDS = {"info": _info, "bench": _bench, "check": _check}

@@ -33,7 +33,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import ops
 
-__all__ = ["fold_bn", "fold_conv_bn", "FoldedBasicBlock", "FoldedBottleneck"]
+__all__ = ["fold_bn", "fold_conv_bn", "FoldedConv2d", "FoldedBasicBlock", "FoldedBottleneck"]
 
 
 def _is_foldable_norm(bn: nn.Module) -> bool:
@@ -42,8 +42,22 @@ def _is_foldable_norm(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
 
 
+class FoldedConv2d(nn.Conv2d):
+    """A Conv2d with BatchNorm folded in (same parameters and state_dict keys as ``nn.Conv2d``),
+    whose forward runs :func:`resnet_fused.ops.conv_bias_act` without an activation: on CPU in
+    inference a oneDNN convolution on a cached pre-packed weight (the stem and the downsample
+    convs of a ResNet take the same path as the blocks' convs; measured on ResNet-50 at batch 1:
+    ATen's convolution reorders the weight on every call and returns the input's layout, so an
+    NCHW input kept the stem's max-pool and the first blocks in NCHW); elsewhere ``F.conv2d``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return ops.conv_bias_act(input, self.weight, self.bias, self.stride, self.padding,
+                                 self.dilation, self.groups, relu=False)
+
+
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    """A new Conv2d computing ``bn(conv(x))`` (BN with running statistics), folded in float64."""
+    """A new Conv2d computing ``bn(conv(x))`` (BN with running statistics), folded in float64: a
+    :class:`FoldedConv2d` for a plain zero-padded ``nn.Conv2d``, else the conv's own class."""
     if conv.out_channels != bn.running_mean.shape[0]:
         raise ValueError(f"cannot fold {bn} into {conv}: channel counts differ")
     dtype = conv.weight.dtype
@@ -56,6 +70,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     folded = copy.deepcopy(conv)
     folded.weight = nn.Parameter((w * k.reshape(-1, 1, 1, 1)).to(dtype), requires_grad=False)
     folded.bias = nn.Parameter(((b - mean) * k + beta).to(dtype), requires_grad=False)
+    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple):
+        folded.__class__ = FoldedConv2d
     return folded
 
 
@@ -168,7 +184,8 @@ def _fold_sequentials(model: nn.Module) -> None:
 
 class _LeafBlockTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (FoldedBasicBlock, FoldedBottleneck, BasicBlock, Bottleneck, FrozenBatchNorm2d)):
+        if isinstance(m, (FoldedBasicBlock, FoldedBottleneck, BasicBlock, Bottleneck, FrozenBatchNorm2d,
+                          FoldedConv2d)):
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -12,8 +12,9 @@ primitives are used inside the autograd units' own backward and have no autograd
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -254,7 +255,27 @@ def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride,
     return out
 
 
+_ONEDNN_PREPACKED = True
+
+
+@contextlib.contextmanager
+def use_onednn_prepacked(enabled: bool) -> Iterator[None]:
+    """Whether :func:`conv_bias_act` may take the oneDNN path (fused post-ops on pre-packed
+    weights) for the duration; ``False`` runs the public-API path (ATen ``conv2d`` with bias, then
+    add and ReLU in place), which still uses oneDNN inside ATen's convolution. Process-wide, for
+    benchmarks that compare the two paths (``torch.backends.mkldnn.flags(enabled=False)`` would
+    also take oneDNN away from ATen's own convolution)."""
+    global _ONEDNN_PREPACKED
+    before, _ONEDNN_PREPACKED = _ONEDNN_PREPACKED, bool(enabled)
+    try:
+        yield
+    finally:
+        _ONEDNN_PREPACKED = before
+
+
 def _mkldnn_eligible(input: Tensor, weight: Tensor, residual: Optional[Tensor]) -> bool:
+    if not _ONEDNN_PREPACKED:
+        return False
     if torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
         return False
     if not torch.backends.mkldnn.enabled or input.device.type != "cpu" or input.dim() != 4:

@@ -204,3 +204,70 @@ def test_warm_running_stats_moves_them_off_the_defaults():
     block = bm.warm_running_stats(_small_block(), torch.empty(2, 8, 6, 6))
     assert block.bn1.num_batches_tracked.item() == 2
     assert not torch.equal(block.bn1.running_var, torch.ones(8))
+
+
+# ------------------------------------------------------------------------------------------------
+# inference peers and the limit on the folded path
+# ------------------------------------------------------------------------------------------------
+def _eval_resnet18():
+    model = bm.randomize_bn_affine(torchvision.models.resnet18(weights=None))
+    return bm.warm_running_stats(model, torch.empty(2, 3, 32, 32)).eval()
+
+
+def test_limit_of_a_folded_model_stays_on_the_folded_path():
+    from resnet_fused.fold import FoldedBasicBlock
+
+    folded = resnet_fused.fold_bn(_eval_resnet18())
+    limit = bm.limit_model(folded)
+    block = limit.layer1[0]
+    assert isinstance(block, FoldedBasicBlock) and type(block) is not FoldedBasicBlock
+    assert type(folded.layer1[0]) is FoldedBasicBlock  # the folded model is untouched
+    assert not any(isinstance(m, nn.ReLU) for m in limit.modules())
+    x = torch.randn(2, 64, 8, 8)
+    with torch.no_grad():
+        # conv2(conv1(x)) + x with no bias and no ReLU, on the same conv_bias_act path
+        c1, c2 = block.conv1, block.conv2
+        expected = nn.functional.conv2d(nn.functional.conv2d(x, c1.weight, None, 1, 1),
+                                        c2.weight, None, 1, 1) + x
+        assert bm.rel_err(block(x), expected) <= 1e-5
+    assert limit(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_public_path_runs_the_folded_model_without_prepacked_weights(monkeypatch):
+    model = _eval_resnet18()
+    folded = resnet_fused.fold_bn(model)
+    seen = []
+    real = resnet_fused.ops._mkldnn_conv_bias_act
+    monkeypatch.setattr(resnet_fused.ops, "_mkldnn_conv_bias_act",
+                        lambda *a, **k: seen.append(1) or real(*a, **k))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        public = bm.PublicPath(folded)(x)
+        assert seen == []
+        assert bm.rel_err(public, model(x)) <= 1e-5
+        folded(x)
+    assert seen and resnet_fused.ops._ONEDNN_PREPACKED  # restored after the call
+
+
+def test_compile_frozen_sets_freezing_around_each_call():
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(inductor_config.freezing)
+            return x
+
+    wrapped = bm._Freezing(Probe())
+    wrapped(torch.zeros(1))
+    assert seen == [True] and inductor_config.freezing is False
+    compiled, plain = bm.compile_frozen(_eval_resnet18())
+    assert plain.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.training
+
+
+def test_onnxruntime_model_needs_the_extra(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
+    with pytest.raises(ImportError):
+        bm.onnxruntime_model(_eval_resnet18(), torch.randn(1, 3, 32, 32))

@@ -13,7 +13,9 @@ import resnet_fused
 from resnet_fused.cli import main
 
 TINY_BENCH = ["bench", "--batch", "2", "--size", "32", "--rounds", "1", "--warmup", "0",
-              "--no-compile"]
+              "--no-compile", "--no-onnx"]
+INFER_VARIANTS = ("torchvision", "torchvision-cl", "fused", "folded", "folded-aten", "limit",
+                  "limit-folded")
 REQUIRED = {"model", "mode", "variant", "images_per_s", "speedup", "rel_err", "backend", "machine"}
 
 
@@ -31,10 +33,14 @@ def test_bench_writes_json_records(tmp_path, capsys):
     records = json.loads(path.read_text())
     assert [(r["mode"], r["variant"]) for r in records] == (
         [("train", v) for v in ("torchvision", "fused", "limit")]
-        + [("infer", v) for v in ("torchvision", "fused", "folded", "limit")])
-    folded = next(r for r in records if r["variant"] == "folded")
-    assert folded["rel_err"] <= 1e-5
+        + [("infer", v) for v in INFER_VARIANTS])
     by = {(r["mode"], r["variant"]): r for r in records}
+    for variant in ("folded", "folded-aten", "torchvision-cl"):
+        assert by["infer", variant]["rel_err"] <= 1e-5
+    assert by["infer", "folded"]["backend"].startswith("oneDNN")
+    assert by["infer", "folded"]["limit_variant"] == "limit-folded"
+    # a limit's headroom against itself is 1, or None when (noise) it was not faster than eager
+    assert by["infer", "limit-folded"]["headroom"] in (None, pytest.approx(1.0))
     for r in records:
         assert REQUIRED <= r.keys()
         assert r["model"] == "resnet18" and r["images_per_s"] > 0 and r["speedup"] > 0
@@ -59,10 +65,67 @@ def test_bench_one_mode_channels_last(tmp_path):
     assert all(r["machine"]["threads"] == 1 for r in records)
 
 
+def test_bench_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs the optional extra 'plot'")
+    path = tmp_path / "bench.png"
+    assert main(TINY_BENCH + ["--mode", "infer", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {path}" in capsys.readouterr().out
+
+
+def test_bench_plot_without_matplotlib_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert main(TINY_BENCH + ["--plot", str(tmp_path / "bench.png")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1
+    assert "matplotlib" in lines[0] and "resnet-fused[plot]" in lines[0]
+
+
+def test_bench_without_onnxruntime_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    argv = [a for a in TINY_BENCH if a != "--no-onnx"] + ["--mode", "infer"]
+    assert main(argv) == 0
+    assert "onnxruntime: skipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_compile_peers(tmp_path):
+    """torch.compile as a peer: plain in training, freezing on a channels_last copy in inference
+    (slow: compiles resnet18 twice, about a minute on a 2-core CPU)."""
+    path = tmp_path / "bench.json"
+    argv = [a for a in TINY_BENCH if a != "--no-compile"] + ["--compile", "--json", str(path)]
+    assert main(argv) == 0
+    by = {(r["mode"], r["variant"]): r for r in json.loads(path.read_text())}
+    assert by["train", "compile"]["compile_s"] > 0
+    frozen = by["infer", "compile-freeze"]
+    assert "freezing" in frozen["backend"] and frozen["rel_err"] <= 1e-5
+
+
 def test_check_passes_on_resnet18(capsys):
     assert main(["check", "--model", "resnet18"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and "running statistics" in out and "converted 8 block(s)" in out
+    assert "folded model" in out
+
+
+def test_check_fails_with_a_nonzero_status(monkeypatch, capsys):
+    """A failing parity line (forced: run_check reports an error over tolerance) exits 1 and names
+    the model."""
+    from resnet_fused import cli
+
+    real = cli.run_check
+
+    def failing(name, *args, **kwargs):
+        swapped, results = real(name, *args, **kwargs)
+        bad = cli.CheckResult("train output", cli.TOL_OUT, {"forced": cli.Errors(1.0, 0.0, 1.0)})
+        return swapped, results + [bad] if name == "resnet34" else results
+
+    monkeypatch.setattr(cli, "run_check", failing)
+    monkeypatch.setattr(cli, "MODELS", ("resnet18", "resnet34"))
+    assert main(["check", "--model", "all"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "1/2 models pass; FAILED: resnet34" in out
 
 
 BAD_ARGS = [
@@ -72,6 +135,8 @@ BAD_ARGS = [
     (["bench", "--size", "16"], "--size"),
     (["bench", "--backend", "fastest"], "invalid choice"),
     (["bench", "--rounds", "-1"], "positive"),
+    (["bench", "--json", "/no/such/dir/out.json"], "no such directory"),
+    (["bench", "--plot", "/no/such/dir/out.png"], "no such directory"),
     (["check", "--model", "vgg16"], "invalid choice"),
     ([], "required"),
     (["frobnicate"], "invalid choice"),

@@ -11,7 +11,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_fused
-from resnet_fused.fold import FoldedBasicBlock, FoldedBottleneck
+from resnet_fused import ops
+from resnet_fused.fold import FoldedBasicBlock, FoldedBottleneck, FoldedConv2d
 
 
 def rel_err(a, ref):
@@ -236,3 +237,22 @@ def test_folded_block_compiles():
     compiled = torch.compile(folded, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert rel_err(compiled(x), block(x)) <= 1e-5
+
+
+def test_fold_stem_and_downsample_take_the_prepacked_path():
+    """Every folded plain conv (the stem, the downsample branches) runs conv_bias_act like the
+    blocks' convs: oneDNN on a cached pre-packed weight in CPU inference, F.conv2d under autograd."""
+    model = _randomize_norms(torchvision.models.resnet50()).eval()
+    folded = resnet_fused.fold_bn(model)
+    stem, ds = folded.conv1, folded.layer1[0].downsample[0]
+    assert type(stem) is FoldedConv2d and type(ds) is FoldedConv2d
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert ops._mkldnn_eligible(x, stem.weight, None)
+        out = stem(x)
+        assert id(stem.weight) in ops._PACKED_WEIGHTS
+        assert rel_err(out, torch.nn.functional.conv2d(x, stem.weight, stem.bias, 2, 3)) <= 1e-5
+        assert rel_err(folded(x), model(x)) <= 1e-5
+    x.requires_grad_(True)
+    stem(x).sum().backward()  # the public path under autograd
+    assert x.grad is not None
