@@ -3,9 +3,9 @@ Triton conv with its bias/residual/ReLU epilogue, in parity with the eval-mode o
 
 Small models keep the interpreter fast: torchvision's ResNet with one BasicBlock per stage
 (ResNet-18's widths) and a ResNeXt-style Bottleneck ResNet (groups 4, width 4 per group), on
-1x3x32x32 inputs. The blocks' convs and their folded downsample convs run the Triton conv; the
-stem conv of a folded model is a plain ``nn.Conv2d`` (folded in the module tree) and runs ATen's
-conv. The tests count both kinds of calls.
+1x3x32x32 inputs. Every conv runs the Triton conv: the blocks' convs, their folded downsample
+convs, and the stem conv (a ``FoldedConv2d`` running ``ops.conv_bias_act``); no ATen conv is left.
+The tests count both kinds of calls.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import resnet_fused
 CL = torch.channels_last
 TRITON_CONV = "resnet_fused_triton.conv2d_bias_act.default"
 
-# name -> (model factory, number of block + downsample convs, number of ATen convs (the stem))
+# name -> (model factory, number of block + downsample + stem convs, number of ATen convs)
 MODELS = {
-    "resnet-basic-1111": (lambda: ResNet(BasicBlock, [1, 1, 1, 1]), 8 + 3, 1),
+    "resnet-basic-1111": (lambda: ResNet(BasicBlock, [1, 1, 1, 1]), 8 + 3 + 1, 0),
     "resnext-bottleneck-1111-g4": (lambda: ResNet(Bottleneck, [1, 1, 1, 1], groups=4, width_per_group=4),
-                                   12 + 4, 1),
+                                   12 + 4 + 1, 0),
 }
 
 
