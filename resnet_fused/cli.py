@@ -45,12 +45,20 @@ from resnet_fused.backends import BACKENDS, BackendError
 MODELS = tuple(resnet_fused.models.__all__)
 # DESIGN.md, "Numerics": float32 parity of fused vs torchvision
 TOL_OUT, TOL_GRAD, TOL_STATS = 1e-5, 1e-4, 1e-5
-# A kind of tensor also passes when float32 itself is the limit. Deep models on small random inputs
-# are ill-conditioned: torchvision's own float32 gradients of resnet50 at 64x64 are ~8% off float64,
-# mostly through ReLU masks that flip on rounding, a few discrete events per tensor. There the
-# worst error of the kind against a float64 torchvision must be within this factor of
-# torchvision's own worst (the ratio DESIGN.md uses for bfloat16 gradients).
-F64_RATIO = 1.25
+# A kind of tensor also passes when float32 itself is the limit, i.e. when torchvision's own float32
+# result misses the tolerance against a float64 torchvision. Deep models on small random inputs are
+# that ill-conditioned: torchvision's own float32 gradients of resnet50 at 64x64 are 1-8% off
+# float64, through ReLU masks that flip on rounding early in the network and move every gradient
+# downstream of them (one event, correlated across tensors, so neither the worst nor the median
+# ratio of two float32 implementations is stable). There the math is checked in float64 instead:
+# the fused model in float64 must match torchvision in float64 within TOL_F64 (measured ~1e-11 on
+# resnet152), which a formula error cannot pass; and the fused float32 error vs float64 must stay
+# within F64_RATIO of torchvision's own, a bound on gross float32-only errors (cancellation, wrong
+# accumulation dtype: orders of magnitude). F64_RATIO comes from measurement: the ratio reached 3.3
+# over 24 draws of resnet50, resnet152 and wide_resnet101_2 at batch 2, 64x64, and was below 1 as
+# often as above.
+TOL_F64 = 1e-10
+F64_RATIO = 10.0
 # --compile default, measured (README, "Benchmarks"): see COMPILE_DEFAULT_WHY
 COMPILE_DEFAULT = True
 COMPILE_DEFAULT_WHY = (
@@ -170,7 +178,9 @@ def _add_check_parser(commands) -> None:
         description=f"float32 parity of the fused model vs torchvision on random inputs: "
                     f"outputs <= {TOL_OUT:g}, gradients <= {TOL_GRAD:g}, running statistics "
                     f"<= {TOL_STATS:g}, or, where float32 itself is that far off (deep models), "
-                    f"an error vs float64 within {F64_RATIO}x torchvision's own. Exit status 1 on "
+                    f"the fused model in float64 within {TOL_F64:g} of torchvision in float64 and "
+                    f"its float32 error vs float64 within {F64_RATIO:g}x torchvision's own. Exit "
+                    f"status 1 on "
                     f"any failure. The folded model (fold_bn of the eval-mode model after the "
                     f"training steps) is checked against the eval torchvision output "
                     f"(<= {TOL_OUT:g}). The default, all ten torchvision ResNets at batch 2, "
@@ -662,6 +672,7 @@ class Errors:
     vs_torchvision: float
     torchvision_f64: float
     fused_f64: float
+    f64_vs_f64: float = 0.0   # the fused model in float64 vs torchvision in float64
 
 
 @dataclass
@@ -676,7 +687,9 @@ class CheckResult:
     def ok(self) -> bool:
         if self.max("vs_torchvision") <= self.tol:
             return True
-        return self.max("fused_f64") <= F64_RATIO * self.max("torchvision_f64")
+        float32_is_the_limit = self.max("torchvision_f64") > self.tol
+        return (float32_is_the_limit and self.max("f64_vs_f64") <= TOL_F64
+                and self.max("fused_f64") <= F64_RATIO * self.max("torchvision_f64"))
 
     @property
     def worst(self) -> str:
@@ -686,11 +699,26 @@ class CheckResult:
         return max(getattr(e, field) for e in self.errors.values())
 
 
-def _errors(fused: Optional[Tensor], tv: Optional[Tensor], tv64: Optional[Tensor]) -> Errors:
-    """The three rel_errs of one tensor; a missing tensor (gradient) is an infinite error."""
-    if fused is None or tv is None or tv64 is None:
-        return Errors(math.inf, 0.0, math.inf)
-    return Errors(bm.rel_err(fused, tv), bm.rel_err(tv, tv64), bm.rel_err(fused, tv64))
+def _errors(fused: Optional[Tensor], tv: Optional[Tensor], tv64: Optional[Tensor],
+            fused64: Optional[Tensor]) -> Errors:
+    """The rel_errs of one tensor; a missing tensor (gradient) is an infinite error."""
+    if fused is None or tv is None or tv64 is None or fused64 is None:
+        return Errors(math.inf, 0.0, math.inf, math.inf)
+    return Errors(bm.rel_err(fused, tv), bm.rel_err(tv, tv64), bm.rel_err(fused, tv64),
+                  bm.rel_err(fused64, tv64))
+
+
+@contextlib.contextmanager
+def _float64_backend(device: torch.device) -> Iterator[None]:
+    """The chosen backend for the float64 model, or the reference primitives where it has no
+    float64 kernels (triton): the float64 run checks the math, not a kernel's dtype coverage."""
+    try:
+        resnet_fused.backend_for(device, torch.float64)
+    except BackendError:
+        with resnet_fused.use_backend("reference"):
+            yield
+        return
+    yield
 
 
 @contextlib.contextmanager
@@ -721,12 +749,21 @@ def run_check(name: str, batch: int, size: int, device: torch.device, steps: int
     trivially) and the results."""
     x, _ = _random_batch(batch, size, device)
     tv = _reference_model(name, x)
-    models = (_fused_copy(tv), tv, copy.deepcopy(tv).double())  # the order of _errors' arguments
+    tv64 = copy.deepcopy(tv).double()
+    models = (_fused_copy(tv), tv, tv64, _fused_copy(tv64))  # the order of _errors' arguments
+
+    def run(m: nn.Module, fn: Callable[[], Any]) -> Any:
+        if m is models[3]:
+            with _float64_backend(device):
+                return fn()
+        return fn()
+
     found: Dict[str, Dict[str, Errors]] = {"out": {}, "input": {}, "params": {}}
     for step in range(1, steps + 1):
         x, labels = _random_batch(batch, size, device)
         x.requires_grad_(True)
-        runs = [bm.forward_backward(m, x.to(_dtype_of(m)), _ce_loss(labels)) for m in models]
+        runs = [run(m, lambda m=m: bm.forward_backward(m, x.to(_dtype_of(m)), _ce_loss(labels)))
+                for m in models]
         found["out"][f"step {step}"] = _errors(*(out for out, _ in runs))
         for i, grad_name in enumerate(bm.grad_names(tv, x)):
             kind = "input" if grad_name == "input" else "params"
@@ -735,8 +772,9 @@ def run_check(name: str, batch: int, size: int, device: torch.device, steps: int
     stats = {named[0][0]: _errors(*(b for _, b in named)) for named in buffers}
     x, _ = _random_batch(batch, size, device)
     with torch.no_grad():
-        evals = [m.eval()(x.to(_dtype_of(m))) for m in models]
+        evals = [run(m, lambda m=m: m.eval()(x.to(_dtype_of(m)))) for m in models]
         folded_out = resnet_fused.fold_bn(tv)(x)
+        folded64_out = run(models[3], lambda: resnet_fused.fold_bn(tv64)(x.double()))
     return models[0].resnet_fused_report, [
         CheckResult("train output", TOL_OUT, found["out"]),
         CheckResult("input gradient", TOL_GRAD, found["input"]),
@@ -744,7 +782,7 @@ def run_check(name: str, batch: int, size: int, device: torch.device, steps: int
         CheckResult("running statistics", TOL_STATS, stats),
         CheckResult("eval output", TOL_OUT, {"after the train steps": _errors(*evals)}),
         CheckResult("folded model (fold_bn) output", TOL_OUT,
-                    {"fold_bn(torchvision).eval()": _errors(folded_out, *evals[1:])}),
+                    {"fold_bn(torchvision).eval()": _errors(folded_out, evals[1], evals[2], folded64_out)}),
     ]
 
 
@@ -775,16 +813,19 @@ def _check_table(name: str, swapped: Any, results: List[CheckResult], args: argp
                  device: torch.device, backend: str) -> Table:
     title = (f"{name} fused vs torchvision: batch {args.batch}, {args.size}x{args.size}, "
              f"float32, {device.type}, backend {backend}")
-    caption = (f"swap_blocks: {swapped}. A line passes within tolerance, or when the fused float32 "
-               f"error vs float64 is within {F64_RATIO}x torchvision's own.")
+    caption = (f"swap_blocks: {swapped}. A line passes within tolerance, or, where float32 itself is "
+               f"the limit (torchvision's float32 misses the tolerance against float64), when the "
+               f"fused model in float64 matches torchvision in float64 within {TOL_F64:g} and the "
+               f"fused float32 error vs float64 is within {F64_RATIO:g}x torchvision's own.")
     table = Table(title=title, title_justify="left", caption=caption)
     for header in ("check", "fused vs torchvision", "tolerance", "torchvision f32 vs f64",
-                   "fused f32 vs f64", "worst", "result"):
+                   "fused f32 vs f64", "fused f64 vs torchvision f64", "worst", "result"):
         left = header in ("check", "worst", "result")
         table.add_column(header, justify="left" if left else "right")
     for r in results:
         table.add_row(f"{r.what} ({len(r.errors)})", f"{r.max('vs_torchvision'):.2e}",
                       f"{r.tol:.0e}", f"{r.max('torchvision_f64'):.2e}", f"{r.max('fused_f64'):.2e}",
+                      f"{r.max('f64_vs_f64'):.2e}",
                       r.worst, "[green]ok[/green]" if r.ok else "[red]FAIL[/red]")
     return table
 

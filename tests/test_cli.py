@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import resnet_fused
+from resnet_fused import cli
 from resnet_fused.cli import main
 
 TINY_BENCH = ["bench", "--batch", "2", "--size", "32", "--rounds", "1", "--warmup", "0",
@@ -118,7 +119,7 @@ def test_check_fails_with_a_nonzero_status(monkeypatch, capsys):
 
     def failing(name, *args, **kwargs):
         swapped, results = real(name, *args, **kwargs)
-        bad = cli.CheckResult("train output", cli.TOL_OUT, {"forced": cli.Errors(1.0, 0.0, 1.0)})
+        bad = cli.CheckResult("train output", cli.TOL_OUT, {"forced": cli.Errors(1.0, 0.0, 1.0, 0.0)})
         return swapped, results + [bad] if name == "resnet34" else results
 
     monkeypatch.setattr(cli, "run_check", failing)
@@ -126,6 +127,22 @@ def test_check_fails_with_a_nonzero_status(monkeypatch, capsys):
     assert main(["check", "--model", "all"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "1/2 models pass; FAILED: resnet34" in out
+
+
+def test_check_criterion_where_float32_is_the_limit():
+    """Beyond the float32 tolerance a line passes only when torchvision's own float32 misses it too
+    (ill-conditioned), the float64 models agree to TOL_F64, and the fused float32 error is within
+    F64_RATIO of torchvision's own."""
+    tol = cli.TOL_GRAD
+
+    def line(errors):
+        return cli.CheckResult("g", tol, {"t": errors}).ok
+
+    assert line(cli.Errors(tol / 2, 0.0, 0.0, 1.0))                       # within tolerance
+    assert line(cli.Errors(1e-2, 2e-2, 3e-2, 1e-12))                      # float32 is the limit
+    assert not line(cli.Errors(1e-2, tol / 2, 1e-2, 1e-12))               # torchvision meets it: ours must
+    assert not line(cli.Errors(1e-2, 2e-2, 3e-2, 1e-6))                   # the float64 math differs
+    assert not line(cli.Errors(1.0, 2e-2, 1.0, 1e-12))                    # gross float32-only error
 
 
 BAD_ARGS = [
