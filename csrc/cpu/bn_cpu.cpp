@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "bn_math.h"
+#include "op_checks.h"
 #include "cpu/bn_kernels.h"
 
 namespace resnet_fused {
@@ -69,87 +70,12 @@ using at::Tensor;
 namespace rm = ::resnet_fused::math;
 
 // ---------------------------------------------------------------------------------------------
-// validation and layout
+// validation and layout: shared with the CUDA ops (csrc/op_checks.h)
 // ---------------------------------------------------------------------------------------------
-void check_input(const char* op, const Tensor& input) {
-  TORCH_CHECK(input.defined(), op, ": input is undefined");
-  TORCH_CHECK(input.dim() >= 2, op, ": input must have rank >= 2 ([N, C, *]), got rank ", input.dim(),
-              " with shape ", input.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
-              ": input must be a floating-point tensor, got dtype ", input.scalar_type());
-}
-
-bool is_channels_last_dense(const Tensor& t) {
-  return t.dim() >= 3 && t.movedim(1, -1).is_contiguous();
-}
-
-// The input in a layout the kernels handle: NCHW-contiguous or channels-last dense.
-Tensor normalize_layout(const Tensor& input, Geometry& geo) {
-  Tensor x = input;
-  if (x.is_contiguous()) {
-    geo.channels_last = false;
-  } else if (is_channels_last_dense(x)) {
-    geo.channels_last = true;
-  } else {
-    x = x.contiguous();
-    geo.channels_last = false;
-  }
-  geo.N = x.size(0);
-  geo.C = x.size(1);
-  geo.S = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) geo.S *= x.size(d);
-  geo.numel = x.numel();
-  // One element per (n, c): both layouts address (n, c) at n*C + c; the [M, C] loops vectorize
-  // across channels, the NCHW ones would see planes of one element.
-  if (geo.S == 1) geo.channels_last = true;
-  return x;
-}
-
-// `t` in the input's layout (copied only if its own layout differs).
-Tensor match_layout(const Tensor& t, const Geometry& geo) {
-  if (geo.S == 1) {
-    return (t.is_contiguous() || is_channels_last_dense(t)) ? t : t.contiguous();
-  }
-  if (geo.channels_last) {
-    return is_channels_last_dense(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
-  }
-  return t.is_contiguous() ? t : t.contiguous();
-}
-
-// A tensor that goes with the input (grad_out, output, residual): same shape, dtype and device.
-void check_like_input(const char* op, const char* name, const Tensor& t, const Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(),
-              " but input is on ", input.device(), " (tensors on different devices)");
-  TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " must have the input's shape ",
-              input.sizes(), ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
-              input.scalar_type(), ", got dtype ", t.scalar_type());
-}
-
-// A per-channel vector converted to the accumulation dtype (a tiny copy at most).
-Tensor channel_vector(const char* op, const char* name, const Tensor& v, const Tensor& input,
-                      int64_t C, at::ScalarType acc) {
-  TORCH_CHECK(v.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(v.device() == input.device(), op, ": ", name, " is on ", v.device(),
-              " but input is on ", input.device(), " (tensors on different devices)");
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == C, op, ": ", name,
-              " must be a per-channel vector of length C=", C, ", got shape ", v.sizes());
-  TORCH_CHECK(at::isFloatingType(v.scalar_type()), op, ": ", name,
-              " must have a floating dtype, got dtype ", v.scalar_type());
-  return v.to(acc).contiguous();
-}
-
-bool present(const c10::optional<Tensor>& t) {
-  return t.has_value() && t->defined();
-}
-
-at::ScalarType opmath_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+using namespace ::resnet_fused::op_checks;
 
 void check_kernel_dtype(const char* op, at::ScalarType t) {
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
-              ": the CPU kernels support float32, float64, bfloat16 and float16, got dtype ", t);
+  op_checks::check_kernel_dtype(op, t, "CPU");
 }
 
 // ---------------------------------------------------------------------------------------------

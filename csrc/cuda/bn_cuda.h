@@ -7,16 +7,12 @@
 
 #include <cstdint>
 
+#include "op_geometry.h"
+
 namespace resnet_fused {
 namespace cuda {
 
-// A dense input viewed as [N, C, S] (NCHW-contiguous) or [M = N*S, C] (channels last); S == 1 runs
-// as channels last (both layouts address (n, c) at n*C + c). Same conventions as the CPU kernels.
-struct Geometry {
-  bool channels_last = false;
-  int64_t N = 0, C = 0, S = 0;  // S = prod(spatial sizes)
-  int64_t numel = 0;
-};
+using Geometry = ::resnet_fused::Geometry;  // csrc/op_geometry.h
 
 // Per-channel vectors are dense device arrays of length C in the accumulation type (double for
 // double input, float otherwise). Tensors of the input's shape are dense in the input's layout and

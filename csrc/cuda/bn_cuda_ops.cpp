@@ -25,6 +25,7 @@
 #include <utility>
 
 #include "cuda/bn_cuda.h"
+#include "op_checks.h"
 
 namespace resnet_fused {
 namespace cuda {
@@ -38,17 +39,13 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
-// validation and layout (as bn_cpu.cpp)
+// validation and layout: shared with the CPU ops (csrc/op_checks.h), plus the device checks
 // ---------------------------------------------------------------------------------------------
-void check_input(const char* op, const Tensor& input) {
-  TORCH_CHECK(input.defined(), op, ": input is undefined");
-  TORCH_CHECK(input.dim() >= 2, op, ": input must have rank >= 2 ([N, C, *]), got rank ", input.dim(),
-              " with shape ", input.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
-              ": input must be a floating-point tensor, got dtype ", input.scalar_type());
-  const auto t = input.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
-              ": the CUDA kernels support float32, float64, bfloat16 and float16, got dtype ", t);
+using namespace ::resnet_fused::op_checks;
+
+void check_cuda_input(const char* op, const Tensor& input) {
+  op_checks::check_input(op, input);
+  op_checks::check_kernel_dtype(op, input.scalar_type(), "CUDA");
 }
 
 // The CUDA kernel runs when any argument is a CUDA tensor: the input must be one. Names the first
@@ -69,68 +66,6 @@ const Tensor* opt(const c10::optional<Tensor>& t) {
   return t.has_value() ? &*t : nullptr;
 }
 
-bool is_channels_last_dense(const Tensor& t) {
-  return t.dim() >= 3 && t.movedim(1, -1).is_contiguous();
-}
-
-Tensor normalize_layout(const Tensor& input, Geometry& geo) {
-  Tensor x = input;
-  if (x.is_contiguous()) {
-    geo.channels_last = false;
-  } else if (is_channels_last_dense(x)) {
-    geo.channels_last = true;
-  } else {
-    x = x.contiguous();
-    geo.channels_last = false;
-  }
-  geo.N = x.size(0);
-  geo.C = x.size(1);
-  geo.S = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) geo.S *= x.size(d);
-  geo.numel = x.numel();
-  if (geo.S == 1) geo.channels_last = true;  // both layouts address (n, c) at n*C + c
-  return x;
-}
-
-Tensor match_layout(const Tensor& t, const Geometry& geo) {
-  if (geo.S == 1) {
-    return (t.is_contiguous() || is_channels_last_dense(t)) ? t : t.contiguous();
-  }
-  if (geo.channels_last) {
-    return is_channels_last_dense(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
-  }
-  return t.is_contiguous() ? t : t.contiguous();
-}
-
-void check_like_input(const char* op, const char* name, const Tensor& t, const Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(),
-              " but input is on ", input.device(), " (tensors on different devices)");
-  TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " must have the input's shape ",
-              input.sizes(), ", got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
-              input.scalar_type(), ", got dtype ", t.scalar_type());
-}
-
-Tensor channel_vector(const char* op, const char* name, const Tensor& v, const Tensor& input,
-                      int64_t C, at::ScalarType acc) {
-  TORCH_CHECK(v.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(v.device() == input.device(), op, ": ", name, " is on ", v.device(),
-              " but input is on ", input.device(), " (tensors on different devices)");
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == C, op, ": ", name,
-              " must be a per-channel vector of length C=", C, ", got shape ", v.sizes());
-  TORCH_CHECK(at::isFloatingType(v.scalar_type()), op, ": ", name,
-              " must have a floating dtype, got dtype ", v.scalar_type());
-  return v.to(acc).contiguous();
-}
-
-bool present(const c10::optional<Tensor>& t) {
-  return t.has_value() && t->defined();
-}
-
-at::ScalarType opmath_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Tensor partials_buffer(const Geometry& geo, const Tensor& input) {
   return at::empty({reduce_partials_bytes(geo)}, input.options().dtype(at::kByte));
 }
@@ -140,7 +75,7 @@ Tensor partials_buffer(const Geometry& geo, const Tensor& input) {
 // ---------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> bn_stats_cuda(const Tensor& input_) {
   constexpr const char* op = "bn_stats";
-  check_input(op, input_);
+  check_cuda_input(op, input_);
   check_input_on_cuda(op, input_, {});
   const c10::cuda::CUDAGuard guard(input_.device());
   StatsArgs a{};
@@ -168,7 +103,7 @@ Tensor bn_apply_cuda(const Tensor& input_, const Tensor& scale_, const Tensor& s
                      const c10::optional<Tensor>& residual_, const c10::optional<Tensor>& res_scale_,
                      const c10::optional<Tensor>& res_shift_, bool relu) {
   constexpr const char* op = "bn_apply";
-  check_input(op, input_);
+  check_cuda_input(op, input_);
   check_input_on_cuda(op, input_, {{"scale", &scale_}, {"shift", &shift_}, {"residual", opt(residual_)},
                                    {"res_scale", opt(res_scale_)}, {"res_shift", opt(res_shift_)}});
   const c10::cuda::CUDAGuard guard(input_.device());
@@ -229,7 +164,7 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_out_, cons
                                                    const c10::optional<Tensor>& output_, const Tensor& mean_,
                                                    bool relu) {
   constexpr const char* op = "bn_backward_reduce";
-  check_input(op, input_);
+  check_cuda_input(op, input_);
   check_input_on_cuda(op, input_, {{"grad_out", &grad_out_}, {"output", opt(output_)}, {"mean", &mean_}});
   const c10::cuda::CUDAGuard guard(input_.device());
   BackwardOperands b = backward_operands(op, grad_out_, input_, output_, relu);
@@ -265,7 +200,7 @@ Tensor bn_backward_apply_cuda(const Tensor& grad_out_, const Tensor& input_, con
                               const c10::optional<Tensor>& mean_dy_, const c10::optional<Tensor>& mean_dy_xmu_,
                               bool relu) {
   constexpr const char* op = "bn_backward_apply";
-  check_input(op, input_);
+  check_cuda_input(op, input_);
   check_input_on_cuda(op, input_,
                       {{"grad_out", &grad_out_}, {"output", opt(output_)}, {"mean", &mean_}, {"invstd", &invstd_},
                        {"weight", opt(weight_)}, {"mean_dy", opt(mean_dy_)}, {"mean_dy_xmu", opt(mean_dy_xmu_)}});
