@@ -250,11 +250,13 @@ def _folded_limit_class(cls: type) -> Optional[type]:
 _FOLDED_LIMITS: Dict[type, type] = {}
 
 
-def _conv_only(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+def _conv_only(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None,
+               residual_is_scratch: bool = False) -> Tensor:
     from . import ops
 
     return ops.conv_bias_act(x, conv.weight, None, conv.stride, conv.padding, conv.dilation,
-                             conv.groups, residual=residual, relu=False)
+                             conv.groups, residual=residual, relu=False,
+                             residual_is_scratch=residual_is_scratch)
 
 
 @torch.no_grad()

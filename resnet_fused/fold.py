@@ -33,7 +33,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import ops
 
-__all__ = ["fold_bn", "fold_conv_bn", "FoldedConv2d", "FoldedBasicBlock", "FoldedBottleneck"]
+__all__ = ["fold_bn", "fold_conv_bn", "FoldedConv2d", "FoldedBasicBlock", "FoldedBottleneck",
+           "FoldedSequential"]
 
 
 def _is_foldable_norm(bn: nn.Module) -> bool:
@@ -76,21 +77,33 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
 
 
 class _FoldedBlock(nn.Module):
-    """Shared forward pieces of the folded blocks."""
+    """Shared forward pieces of the folded blocks.
 
-    def _downsample(self, x: Tensor) -> Tensor:
+    The block-end conv may accumulate into its residual in place (``ops.conv_bias_act``'s
+    ``residual_is_scratch``) when nobody else can read that tensor: the downsample branch's fresh
+    conv output always; the block input only when :class:`FoldedSequential` passes it from the
+    previous folded block (``input_is_scratch``). A block called directly never writes its input.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x, input_is_scratch=False)
+
+    def _residual(self, x: Tensor, input_is_scratch: bool) -> Tuple[Tensor, bool]:
+        """The identity branch and whether it is scratch (a buffer nobody else reads)."""
         if self.downsample is None:
-            return x
+            return x, input_is_scratch
         conv = _lone_conv(self.downsample)
         if conv is not None:  # the folded (conv, BN) branch: conv + bias through ops (Triton there)
             return ops.conv_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                     conv.groups, relu=False)
-        return self.downsample(x)
+                                     conv.groups, relu=False), True
+        return self.downsample(x), False   # a module of the user's: its output may be aliased
 
     @staticmethod
-    def _conv(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def _conv(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None,
+              residual_is_scratch: bool = False) -> Tensor:
         return ops.conv_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups, residual=residual, relu=True)
+                                 conv.groups, residual=residual, relu=True,
+                                 residual_is_scratch=residual_is_scratch)
 
 
 class FoldedBasicBlock(_FoldedBlock):
@@ -103,9 +116,10 @@ class FoldedBasicBlock(_FoldedBlock):
         self.downsample = _fold_downsample(block.downsample)
         self.stride = block.stride
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, input_is_scratch: bool) -> Tensor:
         out = self._conv(self.conv1, x)
-        return self._conv(self.conv2, out, residual=self._downsample(x))
+        residual, scratch = self._residual(x, input_is_scratch)
+        return self._conv(self.conv2, out, residual, scratch)
 
 
 class FoldedBottleneck(_FoldedBlock):
@@ -119,10 +133,47 @@ class FoldedBottleneck(_FoldedBlock):
         self.downsample = _fold_downsample(block.downsample)
         self.stride = block.stride
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, input_is_scratch: bool) -> Tensor:
         out = self._conv(self.conv1, x)
         out = self._conv(self.conv2, out)
-        return self._conv(self.conv3, out, residual=self._downsample(x))
+        residual, scratch = self._residual(x, input_is_scratch)
+        return self._conv(self.conv3, out, residual, scratch)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+class FoldedSequential(nn.Sequential):
+    """A ``Sequential`` of a folded model (a ResNet stage): same modules and state_dict keys. Where
+    a folded block feeds the next one, the tensor between them is read by nobody else, so the next
+    block may accumulate its block-end conv into it (see :class:`_FoldedBlock`). Not with hooks on
+    either block (a hook may keep the tensor) or global module hooks, whose calls are kept."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.nn.modules import module as _module
+
+        # fx tracing (fold_bn's own, the user's) must see each block as one call_module
+        global_hooks = (bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+                        or isinstance(x, torch.fx.Proxy))
+        previous = None
+        for block in self:
+            if (isinstance(block, _FoldedBlock) and isinstance(previous, _FoldedBlock)
+                    and not global_hooks and not _hooked(block) and not _hooked(previous)):
+                x = block._forward(x, input_is_scratch=True)
+            else:
+                x = block(x)
+            previous = block
+        return x
+
+
+def _scratch_stages(model: nn.Module) -> None:
+    """Sequentials holding consecutive folded blocks become :class:`FoldedSequential`."""
+    for m in model.modules():
+        if type(m) is nn.Sequential and any(isinstance(a, _FoldedBlock) and isinstance(b, _FoldedBlock)
+                                            for a, b in zip(m, list(m)[1:])):
+            m.__class__ = FoldedSequential
 
 
 def _lone_conv(ds: nn.Module) -> Optional[nn.Conv2d]:
@@ -130,7 +181,8 @@ def _lone_conv(ds: nn.Module) -> Optional[nn.Conv2d]:
     if not isinstance(ds, nn.Sequential) or len(ds) == 0:
         return None
     conv, rest = ds[0], list(ds)[1:]
-    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if type(conv) not in (nn.Conv2d, FoldedConv2d) or conv.padding_mode != "zeros" \
+            or isinstance(conv.padding, str):
         return None
     return conv if all(type(m) is nn.Identity for m in rest) else None
 
@@ -229,6 +281,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
             f"statistics, which cannot be folded); call model.eval() first. In training mode: "
             f"{', '.join(training[:3])}{' ...' if len(training) > 3 else ''}")
     folded = _fold_blocks(copy.deepcopy(model))
+    _scratch_stages(folded)
     pairs = _traced_conv_bn_pairs(folded)
     if pairs is None:
         _fold_sequentials(folded)

@@ -256,3 +256,66 @@ def test_fold_stem_and_downsample_take_the_prepacked_path():
     x.requires_grad_(True)
     stem(x).sum().backward()  # the public path under autograd
     assert x.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# the block-end conv accumulating into its residual (oneDNN's in-place sum post-op), where safe
+# ------------------------------------------------------------------------------------------------
+class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] = self.counts.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+INPLACE, BINARY = "mkldnn._convolution_pointwise_.binary", "mkldnn._convolution_pointwise.binary"
+
+
+@pytest.mark.parametrize("name,in_place,out_of_place", [("resnet50", 16, 0), ("resnet18", 7, 1)])
+def test_block_ends_accumulate_into_dead_residuals(name, in_place, out_of_place):
+    """Every block end accumulates in place except where its residual may be read by someone else:
+    resnet18's first block takes the max-pool's output (a stage's input) as its identity."""
+    model = _randomize_norms(getattr(torchvision.models, name)()).eval()
+    folded = resnet_fused.fold_bn(model)
+    assert type(folded.layer1) is resnet_fused.fold.FoldedSequential
+    x = torch.randn(2, 3, 64, 64)
+    x_before = x.clone()
+    with torch.no_grad(), _OpCount() as count:
+        out = folded(x)
+    assert count.counts.get(INPLACE, 0) == in_place and count.counts.get(BINARY, 0) == out_of_place
+    assert torch.equal(x, x_before)
+    with torch.no_grad():
+        assert rel_err(out, model(x)) <= 1e-5
+
+
+def test_a_block_called_directly_never_writes_its_input():
+    folded = resnet_fused.fold_bn(_randomize_norms(torchvision.models.resnet50()).eval())
+    t = torch.randn(2, 256, 16, 16)
+    t_before = t.clone()
+    with torch.no_grad(), _OpCount() as count:
+        folded.layer1[1](t)
+    assert count.counts.get(INPLACE, 0) == 0 and torch.equal(t, t_before)
+
+
+def test_hooks_and_feature_extraction_see_intact_tensors():
+    """A hook may keep a block's output, and IntermediateLayerGetter returns stage outputs that the
+    next stage reads: neither may be overwritten by a later block end."""
+    model = _randomize_norms(torchvision.models.resnet18()).eval()
+    folded = resnet_fused.fold_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    kept = {}
+    for net, key in ((model, "ref"), (folded, "folded")):
+        net.layer1[0].register_forward_hook(lambda m, i, o, key=key: kept.__setitem__(key, o))
+        with torch.no_grad():
+            net(x)
+    assert rel_err(kept["folded"], kept["ref"]) <= 1e-5
+    layers = {"layer1": "a", "layer2": "b", "layer3": "c", "layer4": "d"}
+    ref = IntermediateLayerGetter(model, layers)
+    got = IntermediateLayerGetter(resnet_fused.fold_bn(model), layers)
+    with torch.no_grad():
+        r, g = ref(x), got(x)
+    for k in r:
+        assert rel_err(g[k], r[k]) <= 1e-5, k
