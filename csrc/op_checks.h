@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
@@ -101,6 +102,69 @@ inline bool present(const c10::optional<Tensor>& t) {
 // Accumulation dtype: float64 for float64 storage, float32 otherwise.
 inline at::ScalarType opmath_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// bn_apply's operands, checked and in the kernels' layout, with `out` allocated and `args` filled
+// (the caller launches when args.geo.numel > 0). The tensors keep args' pointers alive.
+struct ApplyOperands {
+  ApplyArgs args{};
+  Tensor input, scale, shift, residual, res_scale, res_shift, out;
+};
+
+inline ApplyOperands apply_operands(const char* op, const Tensor& input_, const Tensor& scale_,
+                                    const Tensor& shift_, const c10::optional<Tensor>& residual_,
+                                    const c10::optional<Tensor>& res_scale_,
+                                    const c10::optional<Tensor>& res_shift_, bool relu) {
+  const bool has_res = present(residual_);
+  const bool has_res_affine = present(res_scale_);
+  TORCH_CHECK(has_res_affine == present(res_shift_), op,
+              ": res_scale and res_shift must be given together (both or neither)");
+  TORCH_CHECK(!has_res_affine || has_res, op, ": res_scale/res_shift need a residual");
+  if (has_res) check_like_input(op, "residual", *residual_, input_);
+
+  ApplyOperands o;
+  ApplyArgs& a = o.args;
+  o.input = normalize_layout(input_, a.geo);
+  const int64_t C = a.geo.C;
+  const auto acc = opmath_scalar_type(o.input.scalar_type());
+  o.scale = channel_vector(op, "scale", scale_, o.input, C, acc);
+  o.shift = channel_vector(op, "shift", shift_, o.input, C, acc);
+  if (has_res) o.residual = match_layout(*residual_, a.geo);
+  if (has_res_affine) {
+    o.res_scale = channel_vector(op, "res_scale", *res_scale_, o.input, C, acc);
+    o.res_shift = channel_vector(op, "res_shift", *res_shift_, o.input, C, acc);
+  }
+  o.out = at::empty_like(o.input);
+  a.dtype = o.input.scalar_type();
+  a.input = o.input.const_data_ptr();
+  a.residual = has_res ? o.residual.const_data_ptr() : nullptr;
+  a.scale = o.scale.const_data_ptr();
+  a.shift = o.shift.const_data_ptr();
+  a.res_scale = has_res_affine ? o.res_scale.const_data_ptr() : nullptr;
+  a.res_shift = has_res_affine ? o.res_shift.const_data_ptr() : nullptr;
+  a.out = o.out.mutable_data_ptr();
+  a.relu = relu;
+  return o;
+}
+
+// The backward ops' tensors of the input's shape: checked, grad_out and output in the input's layout.
+struct BackwardOperands {
+  Geometry geo;
+  Tensor input, grad_out, output;
+};
+
+inline BackwardOperands backward_operands(const char* op, const Tensor& grad_out_, const Tensor& input_,
+                                          const c10::optional<Tensor>& output_, bool relu) {
+  TORCH_CHECK(grad_out_.defined(), op, ": grad_out is undefined");
+  check_like_input(op, "grad_out", grad_out_, input_);
+  const bool has_output = present(output_);
+  TORCH_CHECK(!relu || has_output, op, ": relu=True requires output (the forward output masks the gradient)");
+  if (has_output) check_like_input(op, "output", *output_, input_);
+  BackwardOperands b;
+  b.input = normalize_layout(input_, b.geo);
+  b.grad_out = match_layout(grad_out_, b.geo);
+  if (relu) b.output = match_layout(*output_, b.geo);
+  return b;
 }
 
 }  // namespace op_checks

@@ -1,7 +1,9 @@
-// The view every kernel takes of a dense input, shared by the CPU kernels (csrc/cpu/bn_kernels.h)
-// and the CUDA kernels (csrc/cuda/bn_cuda.h). Plain data: seen by host compilers for every CPU
-// capability and by nvcc.
+// The view every kernel takes of a dense input, and the arguments of the elementwise apply kernel,
+// shared by the CPU kernels (csrc/cpu/bn_kernels.h) and the CUDA kernels (csrc/cuda/bn_cuda.h).
+// Plain data: seen by host compilers for every CPU capability and by nvcc.
 #pragma once
+
+#include <c10/core/ScalarType.h>
 
 #include <cstdint>
 
@@ -13,6 +15,21 @@ struct Geometry {
   bool channels_last = false;
   int64_t N = 0, C = 0, S = 0;  // S = prod(spatial sizes)
   int64_t numel = 0;
+};
+
+// Per-channel vectors are dense, length C, in the accumulation type (double for double input,
+// float otherwise); tensors of the input's shape are dense in the input's layout, its dtype.
+struct ApplyArgs {
+  Geometry geo;
+  c10::ScalarType dtype;
+  const void* input;
+  const void* residual;   // nullptr: none
+  const void* scale;
+  const void* shift;
+  const void* res_scale;  // nullptr: residual added as is
+  const void* res_shift;
+  void* out;
+  bool relu;
 };
 
 }  // namespace resnet_fused

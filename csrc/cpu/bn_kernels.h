@@ -32,18 +32,7 @@ struct StatsArgs {
   void* var;   // out, [C], biased
 };
 
-struct ApplyArgs {
-  Geometry geo;
-  c10::ScalarType dtype;
-  const void* input;
-  const void* residual;   // nullptr: none
-  const void* scale;
-  const void* shift;
-  const void* res_scale;  // nullptr: residual added as is
-  const void* res_shift;
-  void* out;
-  bool relu;
-};
+using ApplyArgs = ::resnet_fused::ApplyArgs;  // csrc/op_geometry.h
 
 struct BackwardReduceArgs {
   Geometry geo;

@@ -107,57 +107,9 @@ Tensor bn_apply_cuda(const Tensor& input_, const Tensor& scale_, const Tensor& s
   check_input_on_cuda(op, input_, {{"scale", &scale_}, {"shift", &shift_}, {"residual", opt(residual_)},
                                    {"res_scale", opt(res_scale_)}, {"res_shift", opt(res_shift_)}});
   const c10::cuda::CUDAGuard guard(input_.device());
-  const bool has_res = present(residual_);
-  const bool has_res_affine = present(res_scale_);
-  TORCH_CHECK(has_res_affine == present(res_shift_), op,
-              ": res_scale and res_shift must be given together (both or neither)");
-  TORCH_CHECK(!has_res_affine || has_res, op, ": res_scale/res_shift need a residual");
-  if (has_res) check_like_input(op, "residual", *residual_, input_);
-
-  ApplyArgs a{};
-  const Tensor input = normalize_layout(input_, a.geo);
-  const int64_t C = a.geo.C;
-  const auto acc = opmath_scalar_type(input.scalar_type());
-  const Tensor scale = channel_vector(op, "scale", scale_, input, C, acc);
-  const Tensor shift = channel_vector(op, "shift", shift_, input, C, acc);
-  Tensor residual, res_scale, res_shift;
-  if (has_res) residual = match_layout(*residual_, a.geo);
-  if (has_res_affine) {
-    res_scale = channel_vector(op, "res_scale", *res_scale_, input, C, acc);
-    res_shift = channel_vector(op, "res_shift", *res_shift_, input, C, acc);
-  }
-  Tensor out = at::empty_like(input);
-  if (a.geo.numel == 0) return out;
-  a.dtype = input.scalar_type();
-  a.input = input.const_data_ptr();
-  a.residual = has_res ? residual.const_data_ptr() : nullptr;
-  a.scale = scale.const_data_ptr();
-  a.shift = shift.const_data_ptr();
-  a.res_scale = has_res_affine ? res_scale.const_data_ptr() : nullptr;
-  a.res_shift = has_res_affine ? res_shift.const_data_ptr() : nullptr;
-  a.out = out.mutable_data_ptr();
-  a.relu = relu;
-  bn_apply_launch(a);
-  return out;
-}
-
-struct BackwardOperands {
-  Geometry geo;
-  Tensor input, grad_out, output;  // grad_out and output in the input's layout
-};
-
-BackwardOperands backward_operands(const char* op, const Tensor& grad_out_, const Tensor& input_,
-                                   const c10::optional<Tensor>& output_, bool relu) {
-  TORCH_CHECK(grad_out_.defined(), op, ": grad_out is undefined");
-  check_like_input(op, "grad_out", grad_out_, input_);
-  const bool has_output = present(output_);
-  TORCH_CHECK(!relu || has_output, op, ": relu=True requires output (the forward output masks the gradient)");
-  if (has_output) check_like_input(op, "output", *output_, input_);
-  BackwardOperands b;
-  b.input = normalize_layout(input_, b.geo);
-  b.grad_out = match_layout(grad_out_, b.geo);
-  if (relu) b.output = match_layout(*output_, b.geo);
-  return b;
+  const ApplyOperands o = apply_operands(op, input_, scale_, shift_, residual_, res_scale_, res_shift_, relu);
+  if (o.args.geo.numel > 0) bn_apply_launch(o.args);
+  return o.out;
 }
 
 std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_out_, const Tensor& input_,
