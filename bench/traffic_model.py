@@ -16,19 +16,19 @@ Plans (what each block's BatchNorm/ReLU/add work costs, written as passes over n
                  C++ kernels: bn_stats + bn_apply(+ReLU) before each inner conv; one block-end apply
                  with the residual (and the downsample BN) in the same pass; backward masks the
                  block-end gradient once, recomputes each inner BN+ReLU output for ATen's conv backward
-                 and masks the inner BN+ReLU backward with it.
+                 (its only reader) and takes the inner BN+ReLU backward's ReLU mask from the saved
+                 input: ``y*scale + shift > 0``, recomputed inside the reduce and apply kernels.
 * ``triton``     Triton part 3 as built (resnet_fused/triton_units.py), ATen's conv backward: every
                  block conv (conv1, the inner convs, the last conv, the downsample conv) is the Triton
                  conv ``conv2d_bn_stats`` whose epilogue gives its BN's statistics, BN+ReLU in the next
                  conv's prologue (the BN+ReLU output never exists in forward); backward as ``fused``
                  (ATen's conv backward needs the recomputed BN+ReLU output in memory). Checked against
                  the ops the blocks launch by tests/triton/test_triton_traffic.py.
-* ``triton_mask_from_input``  as ``triton``, with the inner BN+ReLU backward taking its ReLU mask from
-                 ``y*scale + shift > 0`` (the saved input) instead of reading the recomputed output,
-                 and the block-end reduce writing the masked gradient it computes, so the apply reads it
-                 back instead of ``grad`` and ``out``. Needs a scale/shift argument in the backward
-                 primitives (an op-schema change).
-* ``triton_conv_backward``  as ``triton_mask_from_input``, with a Triton conv backward: the BN+ReLU
+* ``triton_end_mask``  as ``triton``, with the block-end reduce writing the masked gradient it
+                 computes (instead of a threshold_backward pass before it), so the apply reads it back
+                 instead of ``grad`` and ``out``. Needs a second output of the reduce primitive (not
+                 built).
+* ``triton_conv_backward``  as ``triton_end_mask``, with a Triton conv backward: the BN+ReLU
                  recompute in its prologue (no recomputed tensor in memory) and the identity's gradient
                  accumulated in the grad-input epilogue of the block's first conv.
 
@@ -50,7 +50,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-TRAIN_PLANS = ("eager", "fused", "triton", "triton_mask_from_input", "triton_conv_backward")
+TRAIN_PLANS = ("eager", "fused", "triton", "triton_end_mask", "triton_conv_backward")
 INFER_PLANS = ("eager", "folded_triton")
 
 
@@ -128,7 +128,7 @@ def _inner_backward(b: BlockShapes, recompute_in_memory: bool, mask_from_input: 
 
 def _fused_train(b: BlockShapes) -> float:
     return (_fused_forward(b) + _block_end_backward(b, False)
-            + _inner_backward(b, recompute_in_memory=True, mask_from_input=False) + 3 * b.x)
+            + _inner_backward(b, recompute_in_memory=True, mask_from_input=True) + 3 * b.x)
 
 
 def _triton_forward(b: BlockShapes) -> float:
@@ -137,10 +137,10 @@ def _triton_forward(b: BlockShapes) -> float:
 
 def _triton_train(b: BlockShapes) -> float:
     return (_triton_forward(b) + _block_end_backward(b, False)
-            + _inner_backward(b, recompute_in_memory=True, mask_from_input=False) + 3 * b.x)
+            + _inner_backward(b, recompute_in_memory=True, mask_from_input=True) + 3 * b.x)
 
 
-def _triton_mask_from_input_train(b: BlockShapes) -> float:
+def _triton_end_mask_train(b: BlockShapes) -> float:
     return (_triton_forward(b) + _block_end_backward(b, True)
             + _inner_backward(b, recompute_in_memory=True, mask_from_input=True) + 3 * b.x)
 
@@ -163,7 +163,7 @@ def _folded_triton_infer(b: BlockShapes) -> float:
 
 BLOCK_RULES: Dict[str, Dict[str, Callable[[BlockShapes], float]]] = {
     "train": {"eager": _eager_train, "fused": _fused_train, "triton": _triton_train,
-              "triton_mask_from_input": _triton_mask_from_input_train,
+              "triton_end_mask": _triton_end_mask_train,
               "triton_conv_backward": _triton_conv_backward_train},
     "infer": {"eager": _eager_infer, "folded_triton": _folded_triton_infer},
 }

@@ -7,6 +7,9 @@
 
 #include <c10/macros/Macros.h>
 
+#include <limits>
+#include <type_traits>
+
 namespace resnet_fused {
 namespace math {
 
@@ -47,6 +50,27 @@ C10_HOST_DEVICE inline T masked_grad(T grad, T output, bool relu) {
 template <typename T>
 C10_HOST_DEVICE inline T bn_affine(T x, T scale, T shift) {
   return x * scale + shift;
+}
+
+// The largest accumulation value `z` whose ReLU output, stored as scalar_t, is zero: 0 when the
+// storage is the accumulation type; half the smallest subnormal for half/bfloat16 storage (those z
+// round to zero, ties to even). So "stored relu(z) <= 0" is exactly "z <= relu_zero_bound".
+// Host code (launchers pass the value to device code).
+template <typename scalar_t, typename T>
+inline T relu_zero_bound() {
+  if constexpr (std::is_same<scalar_t, T>::value) {
+    return T(0);
+  } else {
+    return static_cast<T>(std::numeric_limits<scalar_t>::denorm_min()) * T(0.5);
+  }
+}
+
+// ReLU backward with the mask taken from the ReLU's input z = x*scale + shift, recomputed exactly
+// as bn_apply computes it, instead of from the stored output (which then need not be kept or read).
+// z - bound is exact near the bound (gradual underflow), so its sign is that of z - bound.
+template <typename T>
+C10_HOST_DEVICE inline T relu_backward_mask_from_input(T grad, T x, T scale, T shift, T zero_bound) {
+  return relu_backward_mask(grad, bn_affine(x, scale, shift) - zero_bound);
 }
 
 // bn_apply with residual: (x*scale + shift) + residual', then ReLU if asked.

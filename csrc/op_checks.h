@@ -147,23 +147,41 @@ inline ApplyOperands apply_operands(const char* op, const Tensor& input_, const 
   return o;
 }
 
-// The backward ops' tensors of the input's shape: checked, grad_out and output in the input's layout.
+// The backward ops' operands: checked, grad_out and output in the input's layout. The ReLU mask
+// comes from `output` or, with mask_scale/mask_shift (the forward's BN affine), from the input
+// itself (then mask_scale/mask_shift are per-channel vectors in the accumulation dtype).
 struct BackwardOperands {
   Geometry geo;
-  Tensor input, grad_out, output;
+  Tensor input, grad_out, output, mask_scale, mask_shift;
+  bool mask_from_input = false;
 };
 
 inline BackwardOperands backward_operands(const char* op, const Tensor& grad_out_, const Tensor& input_,
-                                          const c10::optional<Tensor>& output_, bool relu) {
+                                          const c10::optional<Tensor>& output_, bool relu,
+                                          const c10::optional<Tensor>& mask_scale_,
+                                          const c10::optional<Tensor>& mask_shift_) {
   TORCH_CHECK(grad_out_.defined(), op, ": grad_out is undefined");
   check_like_input(op, "grad_out", grad_out_, input_);
   const bool has_output = present(output_);
-  TORCH_CHECK(!relu || has_output, op, ": relu=True requires output (the forward output masks the gradient)");
+  const bool from_input = present(mask_scale_);
+  TORCH_CHECK(from_input == present(mask_shift_), op,
+              ": mask_scale and mask_shift must be given together (both or neither)");
+  TORCH_CHECK(!from_input || (relu && !has_output), op,
+              ": mask_scale/mask_shift take the ReLU mask from the input: they need relu=True and no output");
+  TORCH_CHECK(!relu || has_output || from_input, op,
+              ": relu=True requires output (the forward output masks the gradient) or mask_scale/mask_shift");
   if (has_output) check_like_input(op, "output", *output_, input_);
   BackwardOperands b;
   b.input = normalize_layout(input_, b.geo);
   b.grad_out = match_layout(grad_out_, b.geo);
-  if (relu) b.output = match_layout(*output_, b.geo);
+  b.mask_from_input = from_input;
+  if (from_input) {
+    const auto acc = opmath_scalar_type(b.input.scalar_type());
+    b.mask_scale = channel_vector(op, "mask_scale", *mask_scale_, b.input, b.geo.C, acc);
+    b.mask_shift = channel_vector(op, "mask_shift", *mask_shift_, b.input, b.geo.C, acc);
+  } else if (relu) {
+    b.output = match_layout(*output_, b.geo);
+  }
   return b;
 }
 

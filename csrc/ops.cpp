@@ -29,11 +29,12 @@ TORCH_LIBRARY(resnet_fused, m) {
       "bn_apply(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? res_scale, "
       "Tensor? res_shift, bool relu) -> Tensor");
   m.def(
-      "bn_backward_reduce(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, bool relu) "
-      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+      "bn_backward_reduce(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, bool relu, "
+      "Tensor? mask_scale=None, Tensor? mask_shift=None) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   m.def(
       "bn_backward_apply(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, Tensor invstd, "
-      "Tensor? weight, Tensor? mean_dy, Tensor? mean_dy_xmu, bool relu) -> Tensor");
+      "Tensor? weight, Tensor? mean_dy, Tensor? mean_dy_xmu, bool relu, Tensor? mask_scale=None, "
+      "Tensor? mask_shift=None) -> Tensor");
 }
 
 namespace {

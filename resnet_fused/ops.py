@@ -98,21 +98,39 @@ def bn_apply(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Ten
     return _kernel("bn_apply", input)(input, scale, shift, residual, res_scale, res_shift, relu)
 
 
+def _check_mask_source(op: str, output: Optional[Tensor], mask_scale: Optional[Tensor],
+                       mask_shift: Optional[Tensor], relu: bool, c: int, input: Tensor) -> None:
+    if (mask_scale is None) != (mask_shift is None):
+        raise ValueError(f"{op}: mask_scale and mask_shift must be given together")
+    if mask_scale is not None:
+        if not relu or output is not None:
+            raise ValueError(f"{op}: mask_scale/mask_shift take the ReLU mask from the input: they need "
+                             "relu=True and output=None")
+        _check_channel_vector(op, "mask_scale", mask_scale, c, input.device)
+        _check_channel_vector(op, "mask_shift", mask_shift, c, input.device)
+    elif relu and output is None:
+        raise ValueError(f"{op}: relu=True needs the forward output (or mask_scale/mask_shift) to mask "
+                         "the gradient")
+
+
 def bn_backward_reduce(grad_out: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
-                       relu: bool) -> Tuple[Tensor, Tensor]:
-    """Per-channel ``sum(g)``, ``sum(g*(x-mean))`` with the ReLU-masked gradient ``g``."""
+                       relu: bool, mask_scale: Optional[Tensor] = None,
+                       mask_shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``sum(g)``, ``sum(g*(x-mean))`` with the ReLU-masked gradient ``g``; the mask
+    from ``output`` or, with ``mask_scale``/``mask_shift``, from ``input`` (see
+    :func:`reference.bn_backward_reduce`)."""
     c = _check_input("bn_backward_reduce", input)
     _check_like_input("bn_backward_reduce", "grad_out", grad_out, input)
     _check_like_input("bn_backward_reduce", "output", output, input)
     _check_channel_vector("bn_backward_reduce", "mean", mean, c, input.device)
-    if relu and output is None:
-        raise ValueError("bn_backward_reduce: relu=True needs the forward output")
-    return _kernel("bn_backward_reduce", input)(grad_out, input, output, mean, relu)
+    _check_mask_source("bn_backward_reduce", output, mask_scale, mask_shift, relu, c, input)
+    return _kernel("bn_backward_reduce", input)(grad_out, input, output, mean, relu, mask_scale, mask_shift)
 
 
 def bn_backward_apply(grad_out: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
                       invstd: Tensor, weight: Optional[Tensor], mean_dy: Optional[Tensor],
-                      mean_dy_xmu: Optional[Tensor], relu: bool) -> Tensor:
+                      mean_dy_xmu: Optional[Tensor], relu: bool, mask_scale: Optional[Tensor] = None,
+                      mask_shift: Optional[Tensor] = None) -> Tensor:
     """Gradient w.r.t. the BN input in one pass; see :func:`reference.bn_backward_apply`."""
     c = _check_input("bn_backward_apply", input)
     _check_like_input("bn_backward_apply", "grad_out", grad_out, input)
@@ -122,10 +140,9 @@ def bn_backward_apply(grad_out: Tensor, input: Tensor, output: Optional[Tensor],
         _check_channel_vector("bn_backward_apply", what, v, c, input.device)
     if (mean_dy is None) != (mean_dy_xmu is None):
         raise ValueError("bn_backward_apply: mean_dy and mean_dy_xmu must be given together")
-    if relu and output is None:
-        raise ValueError("bn_backward_apply: relu=True needs the forward output")
-    return _kernel("bn_backward_apply", input)(grad_out, input, output, mean, invstd, weight,
-                                                mean_dy, mean_dy_xmu, relu)
+    _check_mask_source("bn_backward_apply", output, mask_scale, mask_shift, relu, c, input)
+    return _kernel("bn_backward_apply", input)(grad_out, input, output, mean, invstd, weight, mean_dy,
+                                                mean_dy_xmu, relu, mask_scale, mask_shift)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,11 +160,12 @@ def _fake_bn_apply(input, scale, shift, residual, res_scale, res_shift, relu):
     return torch.empty_like(input)
 
 
-def _fake_bn_backward_reduce(grad_out, input, output, mean, relu):
+def _fake_bn_backward_reduce(grad_out, input, output, mean, relu, mask_scale=None, mask_shift=None):
     return _channel_vector_like(input), _channel_vector_like(input)
 
 
-def _fake_bn_backward_apply(grad_out, input, output, mean, invstd, weight, mean_dy, mean_dy_xmu, relu):
+def _fake_bn_backward_apply(grad_out, input, output, mean, invstd, weight, mean_dy, mean_dy_xmu, relu,
+                            mask_scale=None, mask_shift=None):
     return torch.empty_like(input)
 
 

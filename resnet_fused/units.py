@@ -1,7 +1,9 @@
 """The autograd units of DESIGN.md, built on the primitives of :mod:`resnet_fused.ops`.
 
 * :func:`bn_relu_conv` — ``conv(relu(bn(y)))`` that saves only ``y`` and the per-channel statistics
-  and recomputes ``a = relu(bn(y))`` in backward (eager torchvision keeps ``a`` alive).
+  and recomputes ``a = relu(bn(y))`` in backward for ATen's conv backward (eager torchvision keeps
+  ``a`` alive); the BN+ReLU backward then takes its ReLU mask from ``y`` and the forward's
+  scale/shift inside the kernels, so ``a`` is not read again.
 * :func:`bn_add_relu` — the block end ``relu(bn(y) + identity)``, where the identity is either a
   tensor or ``bn_ds(y_ds)`` (the downsample branch's BatchNorm, applied in the same pass).
 
@@ -88,12 +90,16 @@ def _scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> 
 
 def _bn_input_grad(grad: Tensor, y: Tensor, relu_out: Optional[Tensor], mean: Tensor, invstd: Tensor,
                    weight: Tensor, batch_stats: bool, need_input: bool,
-                   sync: Optional[StatsSync] = None) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+                   sync: Optional[StatsSync] = None,
+                   relu_affine: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     """BN(+ReLU) backward: (grad_y, grad_weight, grad_bias). With ``relu_out`` the gradient is
-    masked where that ReLU output is <= 0 inside the kernels; without, ``grad`` is already masked.
-    With ``sync`` the input gradient uses all ranks' sums; parameter gradients stay local."""
-    relu = relu_out is not None
-    sum_dy, sum_dy_xmu = ops.bn_backward_reduce(grad, y, relu_out, mean, relu)
+    masked where that ReLU output is <= 0 inside the kernels; with ``relu_affine`` = the forward's
+    (scale, shift), where ``relu(y*scale + shift)`` is, recomputed in the kernels from ``y`` (no
+    output read); with neither, ``grad`` is already masked. With ``sync`` the input gradient uses
+    all ranks' sums; parameter gradients stay local."""
+    relu = relu_out is not None or relu_affine is not None
+    msc, msh = relu_affine if relu_affine is not None else (None, None)
+    sum_dy, sum_dy_xmu = ops.bn_backward_reduce(grad, y, relu_out, mean, relu, msc, msh)
     grad_y = None
     if need_input:
         if batch_stats:
@@ -102,9 +108,9 @@ def _bn_input_grad(grad: Tensor, y: Tensor, relu_out: Optional[Tensor], mean: Te
             if sync is not None:
                 tot_dy, tot_dy_xmu, count = sync.grads(sum_dy, sum_dy_xmu)
             grad_y = ops.bn_backward_apply(grad, y, relu_out, mean, invstd, weight, tot_dy / count,
-                                           tot_dy_xmu / count, relu)
+                                           tot_dy_xmu / count, relu, msc, msh)
         else:
-            grad_y = ops.bn_backward_apply(grad, y, relu_out, mean, invstd, weight, None, None, relu)
+            grad_y = ops.bn_backward_apply(grad, y, relu_out, mean, invstd, weight, None, None, relu, msc, msh)
     return grad_y, (sum_dy_xmu * invstd).to(weight.dtype), sum_dy.to(weight.dtype)
 
 
@@ -141,11 +147,12 @@ class _BNReLUConv(torch.autograd.Function):
         grad_a, grad_cw, _ = torch.ops.aten.convolution_backward(
             grad_z, a, conv_weight, None, stride, padding, dilation, False, [0, 0], groups,
             [need_a, need_cw, False])
+        del a  # ATen's conv backward was its only reader: the ReLU mask is recomputed from y below
         grad_y = grad_w = grad_b = None
         if need_a:
             grad_a = grad_a.contiguous(memory_format=_memory_format(y))
-            grad_y, grad_w, grad_b = _bn_input_grad(grad_a, y, a, mean, invstd, weight,
-                                                    ctx.batch_stats, need_y, ctx.sync)
+            grad_y, grad_w, grad_b = _bn_input_grad(grad_a, y, None, mean, invstd, weight,
+                                                    ctx.batch_stats, need_y, ctx.sync, (scale, shift))
         return (grad_y, None, None, grad_w if need_w else None, grad_b if need_b else None,
                 grad_cw if need_cw else None, None, None, None, None, None, None)
 

@@ -135,6 +135,12 @@ for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat1
         pairs += list(zip(OPS.bn_backward_reduce(dy, x, o, m, True), reference.bn_backward_reduce(dy, x, o, m, True)))
         pairs.append((OPS.bn_backward_apply(dy, x, o, m, v[0], v[1], v[2], v[3], True),
                       reference.bn_backward_apply(dy, x, o, m, v[0], v[1], v[2], v[3], True)))
+        # the ReLU mask from the input (v[4] - 1: scales of both signs)
+        sc, sh = v[4] - 1.0, v[5] - 1.0
+        pairs += list(zip(OPS.bn_backward_reduce(dy, x, None, m, True, sc, sh),
+                          reference.bn_backward_reduce(dy, x, None, m, True, sc, sh)))
+        pairs.append((OPS.bn_backward_apply(dy, x, None, m, v[0], v[1], v[2], v[3], True, sc, sh),
+                      reference.bn_backward_apply(dy, x, None, m, v[0], v[1], v[2], v[3], True, sc, sh)))
         for i, (a, b) in enumerate(pairs):
             assert a.dtype == b.dtype and a.stride() == b.stride(), (dtype, shape, cl, i)
             assert err(a, b) <= tol, (dtype, shape, cl, i, err(a, b))
@@ -176,9 +182,9 @@ def test_triton_kernels_package_mapping(tmp_path):
 @pytest.mark.parametrize("name,args", [
     ("bn_stats", ["input"]),
     ("bn_apply", ["input", "scale", "shift", "residual", "res_scale", "res_shift", "relu"]),
-    ("bn_backward_reduce", ["grad_out", "input", "output", "mean", "relu"]),
+    ("bn_backward_reduce", ["grad_out", "input", "output", "mean", "relu", "mask_scale", "mask_shift"]),
     ("bn_backward_apply", ["grad_out", "input", "output", "mean", "invstd", "weight", "mean_dy",
-                           "mean_dy_xmu", "relu"]),
+                           "mean_dy_xmu", "relu", "mask_scale", "mask_shift"]),
 ])
 def test_schema_argument_names(name, args):
     schema = getattr(OPS, name).default._schema
@@ -252,6 +258,56 @@ def test_bn_backward_apply(shape, channels_last, dtype, form, relu):
     ref = reference.bn_backward_apply(grad, x, output, mean, invstd, weight, mean_dy, mean_dy_xmu, relu)
     check_close(out, ref, dtype)
     assert out.stride() == x.stride(), "grad_input must keep the input's memory format"
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+@pytest.mark.parametrize("shape,channels_last", CASES, ids=CASE_IDS)
+def test_backward_mask_from_input(shape, channels_last, dtype):
+    """mask_scale/mask_shift: the ReLU mask recomputed from the input equals the mask of the output
+    our own bn_apply writes (bit for bit), and matches the reference."""
+    g = gen(13)
+    c = shape[1]
+    x = rand(shape, g, dtype, channels_last, mean=0.3)
+    grad = rand(shape, g, dtype, channels_last)
+    scale, shift = vec(c, g, -1.5, 1.5), vec(c, g)   # negative scales too: gamma < 0 is legal
+    out = OPS.bn_apply(x, scale, shift, None, None, None, True)
+    mean, invstd, weight = vec(c, g, dtype=acc_dtype(dtype)), vec(c, g, 0.5, 2.0), vec(c, g, 0.5, 1.5)
+    sums = OPS.bn_backward_reduce(grad, x, None, mean, True, scale, shift)
+    for ours, from_out, ref in zip(sums, OPS.bn_backward_reduce(grad, x, out, mean, True),
+                                   reference.bn_backward_reduce(grad, x, None, mean, True, scale, shift)):
+        assert torch.equal(ours, from_out)
+        check_close(ours, ref, dtype)
+    for mean_dy, mean_dy_xmu in ((vec(c, g), vec(c, g)), (None, None)):
+        dx = OPS.bn_backward_apply(grad, x, None, mean, invstd, weight, mean_dy, mean_dy_xmu, True, scale, shift)
+        assert torch.equal(dx, OPS.bn_backward_apply(grad, x, out, mean, invstd, weight, mean_dy, mean_dy_xmu, True))
+        check_close(dx, reference.bn_backward_apply(grad, x, None, mean, invstd, weight, mean_dy, mean_dy_xmu,
+                                                    True, scale, shift), dtype)
+        assert dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_mask_from_input_at_the_rounding_boundary(dtype):
+    """z = x*scale + shift that is positive but rounds to a zero ReLU output in the storage dtype
+    (half the smallest subnormal, a tie to even) is masked, the next value up is not; z == 0 and
+    -0.0 are masked; NaN passes the gradient, as threshold_backward on the stored output does."""
+    info = torch.finfo(dtype)
+    # z = smallest normal * scale (a normal input: no subnormal input to flush anywhere); channel 0:
+    # scale eps/2 -> z = half the smallest subnormal (output 0); channel 1: 0.75*eps -> rounds up
+    x = torch.tensor([info.smallest_normal, 0.0, -0.0, float("nan")], dtype=torch.float64).to(dtype)
+    x = x.reshape(1, 1, 4, 1).expand(2, 2, 4, 1).contiguous()
+    scale, shift = torch.tensor([info.eps / 2, 0.75 * info.eps]), torch.zeros(2)
+    grad = torch.ones_like(x)
+    out = OPS.bn_apply(x, scale, shift, None, None, None, True)
+    zero, one = torch.zeros((), dtype=torch.float32), torch.ones((), dtype=torch.float32)
+    mean, invstd = torch.zeros(2), torch.ones(2)
+    dx = OPS.bn_backward_apply(grad, x, None, mean, invstd, None, None, None, True, scale, shift)
+    assert torch.equal(dx, OPS.bn_backward_apply(grad, x, out, mean, invstd, None, None, None, True))
+    assert torch.equal(dx, reference.bn_backward_apply(grad, x, None, mean, invstd, None, None, None, True,
+                                                       scale, shift))
+    assert dx[0, 0, 0, 0] == zero and dx[0, 1, 0, 0] == one and dx[0, 0, 1, 0] == zero and dx[0, 0, 2, 0] == zero
+    assert dx[0, 0, 3, 0] == one
+    sums = OPS.bn_backward_reduce(grad, x, None, mean, True, scale, shift)
+    assert torch.equal(sums[0], OPS.bn_backward_reduce(grad, x, out, mean, True)[0])
 
 
 def test_float16_is_supported():
@@ -524,6 +580,14 @@ def test_rejects_inconsistent_optional_arguments():
         OPS.bn_backward_reduce(x, x, None, v, True)
     with pytest.raises(RuntimeError, match=r"relu=True requires output"):
         OPS.bn_backward_apply(x, x, None, v, v, None, None, None, True)
+    with pytest.raises(RuntimeError, match=r"mask_scale and mask_shift must be given together"):
+        OPS.bn_backward_reduce(x, x, None, v, True, v, None)
+    with pytest.raises(RuntimeError, match=r"need relu=True and no output"):
+        OPS.bn_backward_reduce(x, x, x, v, True, v, v)
+    with pytest.raises(RuntimeError, match=r"need relu=True and no output"):
+        OPS.bn_backward_apply(x, x, None, v, v, None, None, None, False, v, v)
+    with pytest.raises(RuntimeError, match=r"mask_shift must be a per-channel vector of length C=3"):
+        OPS.bn_backward_apply(x, x, None, v, v, None, None, None, True, v, torch.ones(4))
 
 
 def _cpu_kernel(name):

@@ -249,6 +249,28 @@ def test_bn_backward_apply(shape, channels_last, dtype, form, relu):
     assert out.stride() == x.stride(), "grad_input must keep the input's memory format"
 
 
+@pytest.mark.cuda
+@needs_cuda_ops
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", CASES, ids=CASE_IDS)
+def test_backward_mask_from_input(shape, channels_last, dtype):
+    """mask_scale/mask_shift: the ReLU mask recomputed from the input (scales of both signs)."""
+    c = shape[1]
+    x = rand(shape, dtype, channels_last, mean=0.3)
+    grad = rand(shape, dtype, channels_last)
+    scale, shift = vec(c, -1.5, 1.5), vec(c)
+    mean, invstd, weight = vec(c, dtype=acc_dtype(dtype)), vec(c, 0.5, 2.0), vec(c, 0.5, 1.5)
+    sums = OPS.bn_backward_reduce(grad, x, None, mean, True, scale, shift)
+    refs = reference.bn_backward_reduce(*cpu(grad, x, None, mean), True, *cpu(scale, shift))
+    for ours, ref in zip(sums, refs):
+        check(ours, ref, dtype, "bn_backward_reduce (mask from input)")
+    for stats in ((vec(c), vec(c)), (None, None)):
+        dx = OPS.bn_backward_apply(grad, x, None, mean, invstd, weight, *stats, True, scale, shift)
+        ref = reference.bn_backward_apply(*cpu(grad, x, None, mean, invstd, weight, *stats), True, *cpu(scale, shift))
+        check(dx, ref, dtype, "bn_backward_apply (mask from input)")
+        assert dx.stride() == x.stride()
+
+
 def _misaligned(shape, dtype, channels_last, offset=1):
     """A dense view at a storage offset of `offset` elements: not 16-byte aligned (scalar path)."""
     numel = 1

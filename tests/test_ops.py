@@ -57,6 +57,14 @@ def test_reference_backward_matches_torch_autograd(relu, training):
     assert rel_err(grad_y, yr.grad) < 1e-12
     assert rel_err(sum_dy_xmu * invstd, wr.grad) < 1e-12
     assert rel_err(sum_dy, br.grad) < 1e-12
+    if relu:  # the same, with the ReLU mask recomputed from y and the forward's scale/shift
+        affine = (scale, bias - mean * scale)
+        sums = reference.bn_backward_reduce(grad, y, None, mean, relu, *affine)
+        means = (sums[0] / count, sums[1] / count) if training else (None, None)
+        grad_y = reference.bn_backward_apply(grad, y, None, mean, invstd, weight, *means, relu, *affine)
+        assert rel_err(grad_y, yr.grad) < 1e-12
+        assert rel_err(sums[1] * invstd, wr.grad) < 1e-12
+        assert rel_err(sums[0], br.grad) < 1e-12
 
 
 def test_reference_stats_robust_to_large_mean():
@@ -112,9 +120,12 @@ def _op_calls(s):
         (lib.bn_apply, (s["y"], s["scale"], s["shift"], s["residual"], s["res_scale"], s["res_shift"], True)),
         (lib.bn_backward_reduce, (s["grad"], s["y"], s["out"], s["mean"], True)),
         (lib.bn_backward_reduce, (s["grad"], s["y"], None, s["mean"], False)),
+        (lib.bn_backward_reduce, (s["grad"], s["y"], None, s["mean"], True, s["scale"], s["shift"])),
         (lib.bn_backward_apply, (s["grad"], s["y"], s["out"], s["mean"], s["invstd"], s["weight"],
                                  s["md"], s["mdx"], True)),
         (lib.bn_backward_apply, (s["grad"], s["y"], None, s["mean"], s["invstd"], None, None, None, False)),
+        (lib.bn_backward_apply, (s["grad"], s["y"], None, s["mean"], s["invstd"], s["weight"], s["md"], s["mdx"],
+                                 True, s["scale"], s["shift"])),
     ]
 
 
@@ -179,6 +190,13 @@ def test_dispatch_validates_arguments_before_running(backend):
             ops.bn_apply(y, torch.ones(4), torch.zeros(4), y, torch.ones(4), None)
         with pytest.raises(ValueError, match="relu=True needs the forward output"):
             ops.bn_backward_reduce(y, y, None, torch.zeros(4), True)
+        v = torch.ones(4)
+        with pytest.raises(ValueError, match="mask_scale and mask_shift must be given together"):
+            ops.bn_backward_apply(y, y, None, v, v, None, None, None, True, v, None)
+        with pytest.raises(ValueError, match="need relu=True and output=None"):
+            ops.bn_backward_reduce(y, y, y, v, True, v, v)
+        with pytest.raises(ValueError, match=r"mask_shift must have shape \[4\]"):
+            ops.bn_backward_reduce(y, y, None, v, True, v, torch.ones(3))
 
 
 @needs_cpp

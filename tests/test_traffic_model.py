@@ -16,7 +16,7 @@ def test_hand_counts_basic_block():
     # a BasicBlock whose tensors all hold S elements: see the pass lists in the module docstring
     b = tm.BlockShapes("b", 1, [1, 1])
     train = {p: rule(b) for p, rule in tm.BLOCK_RULES["train"].items()}
-    assert train == {"eager": 32, "fused": 27, "triton": 23, "triton_mask_from_input": 20,
+    assert train == {"eager": 32, "fused": 25, "triton": 21, "triton_end_mask": 20,
                      "triton_conv_backward": 16}
     infer = {p: rule(b) for p, rule in tm.BLOCK_RULES["infer"].items()}
     assert infer == {"eager": 11, "folded_triton": 1}

@@ -168,16 +168,23 @@ def bn_apply_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, res_scale_ptr, res_shi
 
 
 @triton.jit
-def bn_backward_reduce_kernel(grad_ptr, x_ptr, y_ptr, mean_ptr, part_dy_ptr, part_dy_xmu_ptr,
+def bn_backward_reduce_kernel(grad_ptr, x_ptr, y_ptr, mean_ptr, mask_scale_ptr, mask_shift_ptr, zero_bound,
+                              part_dy_ptr, part_dy_xmu_ptr,
                               HW, C, stride_n, stride_hw, stride_c,
                               num_hw_blocks, num_tiles, tiles_per_prog,
-                              RELU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-program partial ``sum(g)`` and ``sum(g * (x - mean))``; ``g`` masked where ``y <= 0``."""
+                              RELU: tl.constexpr, MASK_FROM_INPUT: tl.constexpr,
+                              BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-program partial ``sum(g)`` and ``sum(g * (x - mean))``; ``g`` masked where ``y <= 0``
+    or, with ``MASK_FROM_INPUT``, where ``x*mask_scale + mask_shift <= zero_bound`` (the forward's
+    ReLU output recomputed, see reference.relu_zero_bound)."""
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    if MASK_FROM_INPUT:
+        msc = tl.load(mask_scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        msh = tl.load(mask_shift_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
     sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dy_xmu = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(0, tiles_per_prog):
@@ -186,10 +193,13 @@ def bn_backward_reduce_kernel(grad_ptr, x_ptr, y_ptr, mean_ptr, part_dy_ptr, par
                                    BLOCK_HW)
         mask = mask & (t < num_tiles)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if RELU:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MASK_FROM_INPUT:
+            z = x * msc[None, :] + msh[None, :]
+            g = tl.where(z - zero_bound <= 0, 0.0, g)
+        elif RELU:
             y = tl.load(y_ptr + offs, mask=mask, other=0.0)
             g = tl.where(y <= 0, 0.0, g)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xmu = tl.where(mask, x - mean[None, :], 0.0)
         sum_dy += tl.sum(g, axis=0)
         sum_dy_xmu += tl.sum(g * xmu, axis=0)
@@ -219,12 +229,13 @@ def bn_backward_reduce_merge_kernel(part_dy_ptr, part_dy_xmu_ptr, sum_dy_ptr, su
 
 @triton.jit
 def bn_backward_apply_kernel(grad_ptr, x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr,
-                             mean_dy_ptr, mean_dy_xmu_ptr, out_ptr,
+                             mean_dy_ptr, mean_dy_xmu_ptr, mask_scale_ptr, mask_shift_ptr, zero_bound, out_ptr,
                              HW, C, stride_n, stride_hw, stride_c, num_hw_blocks,
-                             RELU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_STATS: tl.constexpr,
-                             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+                             RELU: tl.constexpr, MASK_FROM_INPUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                             HAS_STATS: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     """``grad_in = (g - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight``
-    (without the statistics terms when ``HAS_STATS`` is false), one tile per program."""
+    (without the statistics terms when ``HAS_STATS`` is false), one tile per program; ``g`` masked
+    as in ``bn_backward_reduce_kernel``."""
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -237,7 +248,14 @@ def bn_backward_apply_kernel(grad_ptr, x_ptr, y_ptr, mean_ptr, invstd_ptr, weigh
     else:
         k = invstd
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
+    if HAS_STATS or MASK_FROM_INPUT:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if MASK_FROM_INPUT:
+        msc = tl.load(mask_scale_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        msh = tl.load(mask_shift_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+        z = x * msc[None, :] + msh[None, :]
+        g = tl.where(z - zero_bound <= 0, 0.0, g)
+    elif RELU:
         y = tl.load(y_ptr + offs, mask=mask, other=0.0)
         g = tl.where(y <= 0, 0.0, g)
     if HAS_STATS:
@@ -245,7 +263,6 @@ def bn_backward_apply_kernel(grad_ptr, x_ptr, y_ptr, mean_ptr, invstd_ptr, weigh
         mean_dy = tl.load(mean_dy_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         mean_dy_xmu = tl.load(mean_dy_xmu_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
         proj = (invstd * invstd) * mean_dy_xmu
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = g - mean_dy[None, :] - (x - mean[None, :]) * proj[None, :]
     out = g * k[None, :]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -405,19 +422,42 @@ def bn_apply(input: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Ten
     return out
 
 
+def _mask_source(output: Optional[Tensor], mask_scale: Optional[Tensor], mask_shift: Optional[Tensor],
+                 relu: bool) -> bool:
+    """Checks the ReLU mask's source; True when it is the input (mask_scale/mask_shift)."""
+    if (mask_scale is None) != (mask_shift is None):
+        raise ValueError("mask_scale and mask_shift must be given together")
+    if mask_scale is not None and (output is not None or not relu):
+        raise ValueError("mask_scale/mask_shift take the ReLU mask from the input: they need relu=True and no output")
+    if relu and output is None and mask_scale is None:
+        raise ValueError("relu=True needs the forward output (or mask_scale/mask_shift) to mask the gradient")
+    return mask_scale is not None
+
+
+def _zero_bound(dtype: torch.dtype) -> float:
+    """reference.relu_zero_bound, without importing the package (this module stands alone)."""
+    if dtype in (torch.float32, torch.float64):
+        return 0.0
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps / 2
+
+
 def bn_backward_reduce(grad_out: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
-                       relu: bool) -> Tuple[Tensor, Tensor]:
-    """Per-channel ``sum(g)``, ``sum(g * (input - mean))`` (float32), ``g`` ReLU-masked."""
+                       relu: bool, mask_scale: Optional[Tensor] = None,
+                       mask_shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``sum(g)``, ``sum(g * (input - mean))`` (float32), ``g`` ReLU-masked (from
+    ``output``, or from ``input*mask_scale + mask_shift``)."""
     _check_dtype("bn_backward_reduce", input)
-    if relu and output is None:
-        raise ValueError("relu=True needs the forward output to mask the gradient")
+    from_input = _mask_source(output, mask_scale, mask_shift, relu)
     x, lay = layout_of(input)
     sum_dy = torch.zeros((lay.c,), dtype=torch.float32, device=input.device)
     sum_dy_xmu = torch.zeros((lay.c,), dtype=torch.float32, device=input.device)
     if lay.c == 0 or lay.n * lay.hw == 0:
         return sum_dy, sum_dy_xmu
     g = _as_layout(grad_out, lay)
-    y = _as_layout(output, lay) if relu else x
+    y = _as_layout(output, lay) if relu and not from_input else x
+    mean = _vector(mean)
+    msc, msh = (_vector(mask_scale), _vector(mask_shift)) if from_input else (mean, mean)
     block_hw, block_c = _blocks(lay)
     num_hw_blocks, num_tiles, splits, tiles_per_prog, c_blocks = _reduction_geometry(lay, block_hw, block_c)
     part_dy, part_dy_xmu = (torch.empty((splits, lay.c), dtype=torch.float32, device=input.device)
@@ -425,9 +465,9 @@ def bn_backward_reduce(grad_out: Tensor, input: Tensor, output: Optional[Tensor]
     merge_p, merge_c = _merge_blocks(lay.c)
     with _device_guard(input):
         wrap_triton(bn_backward_reduce_kernel)[(splits, c_blocks)](
-            g, x, y, _vector(mean), part_dy, part_dy_xmu, lay.hw, lay.c, lay.stride_n, lay.stride_hw,
-            lay.stride_c, num_hw_blocks, num_tiles, tiles_per_prog, RELU=bool(relu),
-            BLOCK_HW=block_hw, BLOCK_C=block_c)
+            g, x, y, mean, msc, msh, _zero_bound(input.dtype), part_dy, part_dy_xmu, lay.hw, lay.c,
+            lay.stride_n, lay.stride_hw, lay.stride_c, num_hw_blocks, num_tiles, tiles_per_prog,
+            RELU=bool(relu), MASK_FROM_INPUT=from_input, BLOCK_HW=block_hw, BLOCK_C=block_c)
         wrap_triton(bn_backward_reduce_merge_kernel)[(triton.cdiv(lay.c, merge_c),)](
             part_dy, part_dy_xmu, sum_dy, sum_dy_xmu, splits, lay.c, BLOCK_P=merge_p, BLOCK_C=merge_c)
     return sum_dy, sum_dy_xmu
@@ -435,19 +475,19 @@ def bn_backward_reduce(grad_out: Tensor, input: Tensor, output: Optional[Tensor]
 
 def bn_backward_apply(grad_out: Tensor, input: Tensor, output: Optional[Tensor], mean: Tensor,
                       invstd: Tensor, weight: Optional[Tensor], mean_dy: Optional[Tensor],
-                      mean_dy_xmu: Optional[Tensor], relu: bool) -> Tensor:
+                      mean_dy_xmu: Optional[Tensor], relu: bool, mask_scale: Optional[Tensor] = None,
+                      mask_shift: Optional[Tensor] = None) -> Tensor:
     """Gradient w.r.t. the BN input in one pass (see reference.bn_backward_apply)."""
     _check_dtype("bn_backward_apply", input)
     if (mean_dy is None) != (mean_dy_xmu is None):
         raise ValueError("mean_dy and mean_dy_xmu must be given together")
-    if relu and output is None:
-        raise ValueError("relu=True needs the forward output to mask the gradient")
+    from_input = _mask_source(output, mask_scale, mask_shift, relu)
     x, lay = layout_of(input)
     out = torch.empty_like(x, memory_format=lay.memory_format)
     if out.numel() == 0:
         return out
     g = _as_layout(grad_out, lay)
-    y = _as_layout(output, lay) if relu else x
+    y = _as_layout(output, lay) if relu and not from_input else x
     invstd = _vector(invstd)
     has_weight = weight is not None
     has_stats = mean_dy is not None
@@ -455,12 +495,14 @@ def bn_backward_apply(grad_out: Tensor, input: Tensor, output: Optional[Tensor],
     w = _vector(weight) if has_weight else invstd
     mdy = _vector(mean_dy) if has_stats else invstd
     mdyx = _vector(mean_dy_xmu) if has_stats else invstd
+    msc, msh = (_vector(mask_scale), _vector(mask_shift)) if from_input else (invstd, invstd)
     block_hw, block_c = _blocks(lay)
     num_hw_blocks = triton.cdiv(lay.hw, block_hw)
     grid = (lay.n * num_hw_blocks, triton.cdiv(lay.c, block_c))
     with _device_guard(input):
         wrap_triton(bn_backward_apply_kernel)[grid](
-            g, x, y, mean, invstd, w, mdy, mdyx, out, lay.hw, lay.c, lay.stride_n, lay.stride_hw,
-            lay.stride_c, num_hw_blocks, RELU=bool(relu), HAS_WEIGHT=has_weight, HAS_STATS=has_stats,
+            g, x, y, mean, invstd, w, mdy, mdyx, msc, msh, _zero_bound(input.dtype), out, lay.hw, lay.c,
+            lay.stride_n, lay.stride_hw, lay.stride_c, num_hw_blocks, RELU=bool(relu),
+            MASK_FROM_INPUT=from_input, HAS_WEIGHT=has_weight, HAS_STATS=has_stats,
             BLOCK_HW=block_hw, BLOCK_C=block_c)
     return out

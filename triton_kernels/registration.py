@@ -33,10 +33,12 @@ SCHEMAS = {
     "bn_stats": "(Tensor input) -> (Tensor mean, Tensor var)",
     "bn_apply": "(Tensor input, Tensor scale, Tensor shift, Tensor? residual, Tensor? res_scale, "
                 "Tensor? res_shift, bool relu) -> Tensor",
-    "bn_backward_reduce": "(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, bool relu) "
+    "bn_backward_reduce": "(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, bool relu, "
+                          "Tensor? mask_scale=None, Tensor? mask_shift=None) "
                           "-> (Tensor sum_dy, Tensor sum_dy_xmu)",
     "bn_backward_apply": "(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, Tensor invstd, "
-                         "Tensor? weight, Tensor? mean_dy, Tensor? mean_dy_xmu, bool relu) -> Tensor",
+                         "Tensor? weight, Tensor? mean_dy, Tensor? mean_dy_xmu, bool relu, "
+                         "Tensor? mask_scale=None, Tensor? mask_shift=None) -> Tensor",
     "conv2d_bias_act": "(Tensor input, Tensor weight, Tensor? scale, Tensor? shift, int[] stride, "
                        "int[] padding, int[] dilation, int groups, Tensor? residual, bool relu) -> Tensor",
     "conv2d_bn_stats": "(Tensor input, Tensor weight, Tensor? in_scale, Tensor? in_shift, bool in_relu, "
@@ -77,11 +79,12 @@ def _fake_bn_apply(input, scale, shift, residual, res_scale, res_shift, relu):
     return _like_input(input)
 
 
-def _fake_bn_backward_reduce(grad_out, input, output, mean, relu):
+def _fake_bn_backward_reduce(grad_out, input, output, mean, relu, mask_scale=None, mask_shift=None):
     return _channel_vector(input), _channel_vector(input)
 
 
-def _fake_bn_backward_apply(grad_out, input, output, mean, invstd, weight, mean_dy, mean_dy_xmu, relu):
+def _fake_bn_backward_apply(grad_out, input, output, mean, invstd, weight, mean_dy, mean_dy_xmu, relu,
+                            mask_scale=None, mask_shift=None):
     return _like_input(input)
 
 

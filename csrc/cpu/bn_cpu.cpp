@@ -118,17 +118,21 @@ Tensor bn_apply_cpu(const Tensor& input_, const Tensor& scale_, const Tensor& sh
 // ---------------------------------------------------------------------------------------------
 // Checks every backward op starts with, before the shared operand checks (op_checks.h).
 BackwardOperands checked_backward_operands(const char* op, const Tensor& grad_out_, const Tensor& input_,
-                                           const c10::optional<Tensor>& output_, bool relu) {
+                                           const c10::optional<Tensor>& output_, bool relu,
+                                           const c10::optional<Tensor>& mask_scale_,
+                                           const c10::optional<Tensor>& mask_shift_) {
   check_input(op, input_);
   check_kernel_dtype(op, input_.scalar_type());
-  return backward_operands(op, grad_out_, input_, output_, relu);
+  return backward_operands(op, grad_out_, input_, output_, relu, mask_scale_, mask_shift_);
 }
 
 std::tuple<Tensor, Tensor> bn_backward_reduce_cpu(const Tensor& grad_out_, const Tensor& input_,
                                                   const c10::optional<Tensor>& output_,
-                                                  const Tensor& mean_, bool relu) {
+                                                  const Tensor& mean_, bool relu,
+                                                  const c10::optional<Tensor>& mask_scale_,
+                                                  const c10::optional<Tensor>& mask_shift_) {
   constexpr const char* op = "bn_backward_reduce";
-  BackwardOperands b = checked_backward_operands(op, grad_out_, input_, output_, relu);
+  BackwardOperands b = checked_backward_operands(op, grad_out_, input_, output_, relu, mask_scale_, mask_shift_);
   const Geometry& geo = b.geo;
   const auto acc = opmath_scalar_type(b.input.scalar_type());
   const Tensor mean = channel_vector(op, "mean", mean_, b.input, geo.C, acc);
@@ -140,7 +144,9 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cpu(const Tensor& grad_out_, const
   a.dtype = b.input.scalar_type();
   a.grad_out = b.grad_out.const_data_ptr();
   a.input = b.input.const_data_ptr();
-  a.output = relu ? b.output.const_data_ptr() : nullptr;
+  a.output = relu && !b.mask_from_input ? b.output.const_data_ptr() : nullptr;
+  a.mask_scale = b.mask_from_input ? b.mask_scale.const_data_ptr() : nullptr;
+  a.mask_shift = b.mask_from_input ? b.mask_shift.const_data_ptr() : nullptr;
   a.mean = mean.const_data_ptr();
   a.sum_dy = sum_dy.mutable_data_ptr();
   a.sum_dy_xmu = sum_dy_xmu.mutable_data_ptr();
@@ -166,12 +172,13 @@ void backward_coefficients(int64_t C, const Tensor& invstd, const Tensor& weight
 Tensor bn_backward_apply_cpu(const Tensor& grad_out_, const Tensor& input_, const c10::optional<Tensor>& output_,
                              const Tensor& mean_, const Tensor& invstd_, const c10::optional<Tensor>& weight_,
                              const c10::optional<Tensor>& mean_dy_, const c10::optional<Tensor>& mean_dy_xmu_,
-                             bool relu) {
+                             bool relu, const c10::optional<Tensor>& mask_scale_,
+                             const c10::optional<Tensor>& mask_shift_) {
   constexpr const char* op = "bn_backward_apply";
   const bool train = present(mean_dy_);
   TORCH_CHECK(train == present(mean_dy_xmu_), op,
               ": mean_dy and mean_dy_xmu must be given together (both or neither)");
-  BackwardOperands b = checked_backward_operands(op, grad_out_, input_, output_, relu);
+  BackwardOperands b = checked_backward_operands(op, grad_out_, input_, output_, relu, mask_scale_, mask_shift_);
   const Geometry& geo = b.geo;
   const int64_t C = geo.C;
   const auto acc = opmath_scalar_type(b.input.scalar_type());
@@ -198,7 +205,9 @@ Tensor bn_backward_apply_cpu(const Tensor& grad_out_, const Tensor& input_, cons
   a.dtype = b.input.scalar_type();
   a.grad_out = b.grad_out.const_data_ptr();
   a.input = b.input.const_data_ptr();
-  a.output = relu ? b.output.const_data_ptr() : nullptr;
+  a.output = relu && !b.mask_from_input ? b.output.const_data_ptr() : nullptr;
+  a.mask_scale = b.mask_from_input ? b.mask_scale.const_data_ptr() : nullptr;
+  a.mask_shift = b.mask_from_input ? b.mask_shift.const_data_ptr() : nullptr;
   a.mean = mean.const_data_ptr();
   a.k = k.const_data_ptr();
   a.mean_dy = train ? mean_dy.const_data_ptr() : nullptr;

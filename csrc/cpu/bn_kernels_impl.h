@@ -13,8 +13,9 @@
 // Memory passes (each primitive reads its operands once and writes its output once):
 //   bn_stats            read input
 //   bn_apply            read input (+ residual), write out
-//   bn_backward_reduce  read grad_out, input (+ output when relu)
-//   bn_backward_apply   read grad_out (+ input in training form) (+ output when relu), write grad_in
+//   bn_backward_reduce  read grad_out, input (+ output when relu masks with it)
+//   bn_backward_apply   read grad_out (+ input in training form or to mask with)
+//                       (+ output when relu masks with it), write grad_in
 // Outputs of 8 MiB or more are written with streaming (non-temporal) stores where the capability
 // has them: no read-for-ownership of the output lines, no eviction of the inputs.
 // Layouts, without copies: NCHW ([N, C, S]): vector loops along each (n, c) plane with per-channel
@@ -439,9 +440,10 @@ struct Plan {
 //                                     the constant, from a first sweep while the data is in cache
 //                                     (memory is read once); channels last writes (mean, M2)
 //                                     partials itself, merging its blocks with Chan's formula;
-//   acc_t param(c)                    otherwise: the per-channel constant (e.g. a given mean);
-//   void accum(const T* xs, T param, T& s1, T& s2)   adds one element (NIn input values; also
-//                                     called with T = double for scalar tails);
+//   static constexpr int kParams      per-channel constants per element (1 when kCentered);
+//   acc_t param(c, k)                 otherwise: the k-th per-channel constant (e.g. a given mean);
+//   void accum(const T* xs, const T* ps, T& s1, T& s2)   adds one element (NIn input values, kParams
+//                                     constants; also called with T = double for scalar tails);
 //   void finish(int64_t n, acc_t param, double s1, double s2, double& o1, double& o2)
 // and the chunk's (o1, o2) are written to p1[j * C + c], p2[j * C + c].
 template <int NIn, typename scalar_t, typename Red>
@@ -456,8 +458,10 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
   const int64_t N = plan.N, C = plan.C, S = plan.S, chunks = plan.chunks;
   if (chunks == 0) return;
   // The sweep of the first (centering) pass: a plain sum of input 0.
-  const auto sum_of_input0 = [](const auto* xs, const auto&, auto& s1, auto&) { s1 = s1 + xs[0]; };
-  const auto red_accum = [&](const auto* xs, const auto& par, auto& s1, auto& s2) { red.accum(xs, par, s1, s2); };
+  constexpr int kP = Red::kParams;
+  static_assert(!Red::kCentered || kP == 1, "centered reductions have one constant: the block mean");
+  const auto sum_of_input0 = [](const auto* xs, const auto*, auto& s1, auto&) { s1 = s1 + xs[0]; };
+  const auto red_accum = [&](const auto* xs, const auto* ps, auto& s1, auto& s2) { red.accum(xs, ps, s1, s2); };
 
   if (!plan.channels_last) {
     const int64_t elems = std::min(plan.planes_per_chunk, N) * plan.piece;
@@ -476,12 +480,16 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
         // steps accumulate into 2 * kN fresh vector accumulator pairs (acc_t, in registers), which
         // are then added lane by lane into double (no float sum runs over more than 2 * kFlush
         // elements); then the lanes are summed in order and the scalar tail (double) is added.
-        const auto sweep = [&](const auto& acc_fn, acc_t par, int64_t prefetch, double& r1, double& r2) {
-          const AVec vpar(par);
+        const auto sweep = [&](const auto& acc_fn, const acc_t* par, int64_t prefetch, double& r1, double& r2) {
+          AVec vpar[kP];
+          double dpar[kP];
+          for (int k = 0; k < kP; ++k) {
+            vpar[k] = AVec(par[k]);
+            dpar[k] = static_cast<double>(par[k]);
+          }
           constexpr int kA = 2 * kN;
           alignas(64) double d1[W] = {}, d2[W] = {};
           double t1 = 0.0, t2 = 0.0;
-          const double dpar = static_cast<double>(par);
           for (int64_t n = n0; n < n1; ++n) {
             const int64_t base = (n * C + c) * S;
             int64_t s = s0;
@@ -541,20 +549,21 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
           r1 += t1;
           r2 += t2;
         };
-        acc_t par;
+        acc_t par[kP];
         double s1, s2;
         int64_t prefetch = 0;
         if constexpr (Red::kCentered) {
-          sweep(sum_of_input0, acc_t(0), 0, s1, s2);
-          par = static_cast<acc_t>(s1 / static_cast<double>(count));
+          par[0] = acc_t(0);
+          sweep(sum_of_input0, par, 0, s1, s2);
+          par[0] = static_cast<acc_t>(s1 / static_cast<double>(count));
           // The second sweep reads the chunk from cache: meanwhile, prefetch the next task's chunk
           // (the same offsets one plane, or one piece, further on).
           prefetch = t + 1 < end ? (plan.pieces == 1 ? S : plan.piece) : 0;
         } else {
-          par = red.param(c);
+          for (int k = 0; k < kP; ++k) par[k] = red.param(c, k);
         }
         sweep(red_accum, par, prefetch, s1, s2);
-        red.finish(count, par, s1, s2, p1[j * C + c], p2[j * C + c]);
+        red.finish(count, par[0], s1, s2, p1[j * C + c], p2[j * C + c]);
       }
     });
     return;
@@ -568,10 +577,10 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
     // below; a group is a whole number of steps): one allocation per thread.
     constexpr int64_t kGroup = (kN == 1 ? 4 : 2) * kStep;
     const int64_t cmax = (std::min(C, Cb) + kGroup - 1) / kGroup * kGroup;
-    std::unique_ptr<acc_t[]> acc_buf(new acc_t[static_cast<size_t>(3 * cmax)]);
+    std::unique_ptr<acc_t[]> acc_buf(new acc_t[static_cast<size_t>((2 + kP) * cmax)]);
     std::unique_ptr<double[]> dbl_buf(new double[static_cast<size_t>(2 * cmax)]);
-    acc_t* const par = acc_buf.get();
-    acc_t* const a1 = par + cmax;
+    acc_t* const par = acc_buf.get();  // kP arrays of cmax: par + k * cmax
+    acc_t* const a1 = par + kP * cmax;
     acc_t* const a2 = a1 + cmax;
     double* const d1 = dbl_buf.get();
     double* const d2 = d1 + cmax;
@@ -648,7 +657,7 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
                   const int64_t n = std::clamp<int64_t>(cn - g0 - k * kStep, 0, kStep);
                   IO::load(row + k * kStep, n, xv);  // n == 0: nothing read, all lanes zero
                 }
-                for (int v = 0; v < kN; ++v) red.accum(&xv[v], P[k * kN + v], A1[k * kN + v], A2[k * kN + v]);
+                for (int v = 0; v < kN; ++v) red.accum(&xv[v], &P[k * kN + v], A1[k * kN + v], A2[k * kN + v]);
               }
             }
             for (int k = 0; k < kGV; ++k) {
@@ -675,7 +684,9 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
       } else {
         // One pass, row by row, per-channel acc_t accumulators in L1 added into double (d1, d2)
         // every kFlush rows.
-        for (int64_t c = 0; c < cpad; ++c) par[c] = c < cn ? red.param(c0 + c) : acc_t(0);
+        for (int k = 0; k < kP; ++k) {
+          for (int64_t c = 0; c < cpad; ++c) par[k * cmax + c] = c < cn ? red.param(c0 + c, k) : acc_t(0);
+        }
         std::fill(d1, d1 + cpad, 0.0);
         std::fill(d2, d2 + cpad, 0.0);
         for (int64_t ra = r0; ra < r1; ra += kFlush) {
@@ -702,7 +713,9 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
               for (int q = 0; q < NIn; ++q) xs[q] = xv[q][v];
               const int64_t o = cv + v * W;
               AVec s1 = AVec::loadu(acc1 + o), s2 = AVec::loadu(acc2 + o);
-              red.accum(xs, AVec::loadu(pp + o), s1, s2);
+              AVec ps[kP];
+              for (int k = 0; k < kP; ++k) ps[k] = AVec::loadu(pp + k * cmax + o);
+              red.accum(xs, ps, s1, s2);
               s1.store(acc1 + o);
               s2.store(acc2 + o);
             }
@@ -718,7 +731,7 @@ void chunked_reduce(const Plan& plan, const std::array<const scalar_t*, NIn>& in
           }
         }
         for (int64_t c = 0; c < cn; ++c) {
-          red.finish(r1 - r0, par[c], d1[c], d2[c], p1[j * C + c0 + c], p2[j * C + c0 + c]);
+          red.finish(r1 - r0, par[c], d1[c], d2[c], p1[j * C + c0 + c], p2[j * C + c0 + c]);  // par[c]: k = 0
         }
       }
     }
@@ -749,9 +762,10 @@ template <typename scalar_t>
 struct StatsRed {
   using acc_t = typename Vio<scalar_t>::acc_t;
   static constexpr bool kCentered = true;
+  static constexpr int kParams = 1;
   template <typename T>
-  void accum(const T* xs, const T& shift, T& s1, T& s2) const {
-    const T d = xs[0] - shift;
+  void accum(const T* xs, const T* shift, T& s1, T& s2) const {
+    const T d = xs[0] - shift[0];
     s1 = s1 + d;
     s2 = s2 + d * d;
   }
@@ -850,21 +864,39 @@ void bn_apply_kernel(const ApplyArgs& a) {
 // ---------------------------------------------------------------------------------------------
 // bn_backward_reduce
 // ---------------------------------------------------------------------------------------------
-// Inputs: xs[0] = grad_out, xs[1] = input, xs[2] = output (when kRelu).
-template <bool kRelu, typename scalar_t>
+// How the ReLU backward mask is obtained.
+enum class Mask { kNone, kFromOutput, kFromInput };
+
+// Inputs: xs[0] = grad_out, xs[1] = input, xs[2] = output (kFromOutput). Constants: mean, then
+// (kFromInput) the forward's BN affine mask_scale, mask_shift.
+template <Mask kMask, typename scalar_t>
 struct BackwardRed {
   using acc_t = typename Vio<scalar_t>::acc_t;
   static constexpr bool kCentered = false;
+  static constexpr int kParams = kMask == Mask::kFromInput ? 3 : 1;
   const acc_t* mean;
-  acc_t param(int64_t c) const {
-    return mean[c];
+  const acc_t* mask_scale;
+  const acc_t* mask_shift;
+  acc_t zero_bound;
+  acc_t param(int64_t c, int k) const {
+    return k == 0 ? mean[c] : (k == 1 ? mask_scale[c] : mask_shift[c]);
   }
   template <typename T>
-  void accum(const T* xs, const T& m, T& s1, T& s2) const {
+  void accum(const T* xs, const T* ps, T& s1, T& s2) const {
     T g = xs[0];
-    if constexpr (kRelu) g = rm::relu_backward_mask(g, xs[2]);
+    if constexpr (kMask == Mask::kFromOutput) g = rm::relu_backward_mask(g, xs[2]);
+    if constexpr (kMask == Mask::kFromInput) {
+      if constexpr (std::is_same<T, double>::value && !std::is_same<acc_t, double>::value) {
+        // scalar tails run in double: recompute the forward's z in acc_t, as bn_apply did
+        const acc_t z = rm::bn_affine(static_cast<acc_t>(xs[1]), static_cast<acc_t>(ps[1]),
+                                      static_cast<acc_t>(ps[2]));
+        g = rm::relu_backward_mask(g, static_cast<T>(z - zero_bound));
+      } else {
+        g = rm::relu_backward_mask_from_input(g, xs[1], ps[1], ps[2], T(zero_bound));
+      }
+    }
     s1 = s1 + g;
-    s2 = s2 + g * (xs[1] - m);
+    s2 = s2 + g * (xs[1] - ps[0]);
   }
   void finish(int64_t, acc_t, double s1, double s2, double& o1, double& o2) const {
     o1 = s1;
@@ -872,7 +904,7 @@ struct BackwardRed {
   }
 };
 
-template <bool kRelu, typename scalar_t>
+template <Mask kMask, typename scalar_t>
 void bn_backward_reduce_typed(const BackwardReduceArgs& a) {
   using acc_t = typename Vio<scalar_t>::acc_t;
   const Geometry& geo = a.geo;
@@ -887,9 +919,11 @@ void bn_backward_reduce_typed(const BackwardReduceArgs& a) {
   }
   const scalar_t* dy = static_cast<const scalar_t*>(a.grad_out);
   const scalar_t* x = static_cast<const scalar_t*>(a.input);
-  const BackwardRed<kRelu, scalar_t> red{static_cast<const acc_t*>(a.mean)};
+  const BackwardRed<kMask, scalar_t> red{static_cast<const acc_t*>(a.mean), static_cast<const acc_t*>(a.mask_scale),
+                                         static_cast<const acc_t*>(a.mask_shift),
+                                         rm::relu_zero_bound<scalar_t, acc_t>()};
   Partials parts(plan.chunks * C);
-  if constexpr (kRelu) {
+  if constexpr (kMask == Mask::kFromOutput) {
     chunked_reduce<3, scalar_t>(plan, {dy, x, static_cast<const scalar_t*>(a.output)}, red, parts.p1, parts.p2);
   } else {
     chunked_reduce<2, scalar_t>(plan, {dy, x}, red, parts.p1, parts.p2);
@@ -919,10 +953,12 @@ void bn_backward_reduce_typed(const BackwardReduceArgs& a) {
 void bn_backward_reduce_kernel(const BackwardReduceArgs& a) {
   dispatch_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    if (a.relu) {
-      bn_backward_reduce_typed<true, scalar_t>(a);
+    if (a.relu && a.mask_scale != nullptr) {
+      bn_backward_reduce_typed<Mask::kFromInput, scalar_t>(a);
+    } else if (a.relu) {
+      bn_backward_reduce_typed<Mask::kFromOutput, scalar_t>(a);
     } else {
-      bn_backward_reduce_typed<false, scalar_t>(a);
+      bn_backward_reduce_typed<Mask::kNone, scalar_t>(a);
     }
   });
 }
@@ -930,7 +966,7 @@ void bn_backward_reduce_kernel(const BackwardReduceArgs& a) {
 // ---------------------------------------------------------------------------------------------
 // bn_backward_apply
 // ---------------------------------------------------------------------------------------------
-template <bool kRelu, typename scalar_t>
+template <Mask kMask, typename scalar_t>
 void bn_backward_apply_typed(const BackwardApplyArgs& a) {
   using acc_t = typename Vio<scalar_t>::acc_t;
   const scalar_t* dy = static_cast<const scalar_t*>(a.grad_out);
@@ -938,8 +974,16 @@ void bn_backward_apply_typed(const BackwardApplyArgs& a) {
   const scalar_t* o = static_cast<const scalar_t*>(a.output);
   scalar_t* dx = static_cast<scalar_t*>(a.grad_in);
   const acc_t* k = static_cast<const acc_t*>(a.k);
-  if (a.mean_dy == nullptr) {  // eval form: the input is not read at all
-    if constexpr (kRelu) {
+  const acc_t* msc = static_cast<const acc_t*>(a.mask_scale);
+  const acc_t* msh = static_cast<const acc_t*>(a.mask_shift);
+  const acc_t zb = rm::relu_zero_bound<scalar_t, acc_t>();
+  if (a.mean_dy == nullptr) {  // eval form: the input is read only for the mask from it
+    if constexpr (kMask == Mask::kFromInput) {
+      elementwise<2, 3, scalar_t>(a.geo, {dy, x}, dx, {k, msc, msh}, [zb](const auto* v, const auto* c) {
+        using V = std::decay_t<decltype(v[0])>;
+        return rm::bn_backward_elem_eval(rm::relu_backward_mask_from_input(v[0], v[1], c[1], c[2], V(zb)), c[0]);
+      });
+    } else if constexpr (kMask == Mask::kFromOutput) {
       elementwise<2, 1, scalar_t>(a.geo, {dy, o}, dx, {k}, [](const auto* v, const auto* c) {
         return rm::bn_backward_elem_eval(rm::relu_backward_mask(v[0], v[1]), c[0]);
       });
@@ -953,7 +997,13 @@ void bn_backward_apply_typed(const BackwardApplyArgs& a) {
   const acc_t* m = static_cast<const acc_t*>(a.mean);
   const acc_t* mdy = static_cast<const acc_t*>(a.mean_dy);
   const acc_t* pj = static_cast<const acc_t*>(a.proj);
-  if constexpr (kRelu) {
+  if constexpr (kMask == Mask::kFromInput) {
+    elementwise<2, 6, scalar_t>(a.geo, {dy, x}, dx, {m, mdy, pj, k, msc, msh}, [zb](const auto* v, const auto* c) {
+      using V = std::decay_t<decltype(v[0])>;
+      return rm::bn_backward_elem(rm::relu_backward_mask_from_input(v[0], v[1], c[4], c[5], V(zb)), v[1], c[0], c[1],
+                                  c[2], c[3]);
+    });
+  } else if constexpr (kMask == Mask::kFromOutput) {
     elementwise<3, 4, scalar_t>(a.geo, {dy, x, o}, dx, {m, mdy, pj, k}, [](const auto* v, const auto* c) {
       return rm::bn_backward_elem(rm::relu_backward_mask(v[0], v[2]), v[1], c[0], c[1], c[2], c[3]);
     });
@@ -967,10 +1017,12 @@ void bn_backward_apply_typed(const BackwardApplyArgs& a) {
 void bn_backward_apply_kernel(const BackwardApplyArgs& a) {
   dispatch_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
-    if (a.relu) {
-      bn_backward_apply_typed<true, scalar_t>(a);
+    if (a.relu && a.mask_scale != nullptr) {
+      bn_backward_apply_typed<Mask::kFromInput, scalar_t>(a);
+    } else if (a.relu) {
+      bn_backward_apply_typed<Mask::kFromOutput, scalar_t>(a);
     } else {
-      bn_backward_apply_typed<false, scalar_t>(a);
+      bn_backward_apply_typed<Mask::kNone, scalar_t>(a);
     }
   });
 }

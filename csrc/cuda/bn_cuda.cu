@@ -234,22 +234,33 @@ void bn_apply_relu(const ApplyArgs& a) {
   }
 }
 
-// bn_backward_apply. Inputs: v[0] = grad_out, then input (training form), then output (relu).
-// Coefficients as the CPU op computes them: k = invstd * weight (invstd when weight is None),
-// proj = invstd^2 * mean_dy_xmu.
-template <typename acc_t, bool kTrain, bool kRelu>
+// How the ReLU backward mask is obtained: none, from the forward output, or from the input
+// (recomputing the forward's z = x*mask_scale + mask_shift).
+enum class Mask { kNone, kFromOutput, kFromInput };
+
+// bn_backward_apply. Inputs: v[0] = grad_out, then input (training form, or the mask from it), then
+// output (kFromOutput). Coefficients as the CPU op computes them: k = invstd * weight (invstd when
+// weight is None), proj = invstd^2 * mean_dy_xmu.
+template <typename acc_t, bool kTrain, Mask kMask>
 struct BackwardApplyOp {
-  static constexpr int kIn = 1 + (kTrain ? 1 : 0) + (kRelu ? 1 : 0);
+  static constexpr bool kReadsInput = kTrain || kMask == Mask::kFromInput;
+  static constexpr int kIn = 1 + (kReadsInput ? 1 : 0) + (kMask == Mask::kFromOutput ? 1 : 0);
   const acc_t* mean;
   const acc_t* invstd;
   const acc_t* weight;
   const acc_t* mean_dy;
   const acc_t* mean_dy_xmu;
+  const acc_t* mask_scale;
+  const acc_t* mask_shift;
+  acc_t zero_bound;
   __device__ acc_t operator()(const acc_t* v, int64_t c) const {
     const acc_t is = invstd[c];
     const acc_t k = weight != nullptr ? rm::backward_scale(is, weight[c]) : is;
     acc_t g = v[0];
-    if constexpr (kRelu) g = rm::relu_backward_mask(g, v[kIn - 1]);
+    if constexpr (kMask == Mask::kFromOutput) g = rm::relu_backward_mask(g, v[kIn - 1]);
+    if constexpr (kMask == Mask::kFromInput) {
+      g = rm::relu_backward_mask_from_input(g, v[1], mask_scale[c], mask_shift[c], zero_bound);
+    }
     if constexpr (kTrain) {
       return rm::bn_backward_elem(g, v[1], mean[c], mean_dy[c], rm::backward_proj(is, mean_dy_xmu[c]), k);
     } else {
@@ -258,17 +269,19 @@ struct BackwardApplyOp {
   }
 };
 
-template <typename scalar_t, bool kTrain, bool kRelu>
+template <typename scalar_t, bool kTrain, Mask kMask>
 void bn_backward_apply_typed(const BackwardApplyArgs& a) {
   using acc_t = typename OpMath<scalar_t>::type;
-  const BackwardApplyOp<acc_t, kTrain, kRelu> op{
-      static_cast<const acc_t*>(a.mean), static_cast<const acc_t*>(a.invstd), static_cast<const acc_t*>(a.weight),
-      static_cast<const acc_t*>(a.mean_dy), static_cast<const acc_t*>(a.mean_dy_xmu)};
+  using Op = BackwardApplyOp<acc_t, kTrain, kMask>;
+  const Op op{static_cast<const acc_t*>(a.mean), static_cast<const acc_t*>(a.invstd),
+              static_cast<const acc_t*>(a.weight), static_cast<const acc_t*>(a.mean_dy),
+              static_cast<const acc_t*>(a.mean_dy_xmu), static_cast<const acc_t*>(a.mask_scale),
+              static_cast<const acc_t*>(a.mask_shift), rm::relu_zero_bound<scalar_t, acc_t>()};
   const scalar_t* in[3];
   int n = 0;
   in[n++] = static_cast<const scalar_t*>(a.grad_out);
-  if (kTrain) in[n++] = static_cast<const scalar_t*>(a.input);
-  if (kRelu) in[n++] = static_cast<const scalar_t*>(a.output);
+  if (Op::kReadsInput) in[n++] = static_cast<const scalar_t*>(a.input);
+  if (kMask == Mask::kFromOutput) in[n++] = static_cast<const scalar_t*>(a.output);
   launch_elementwise<scalar_t>(a.geo, in, static_cast<scalar_t*>(a.grad_in), op);
 }
 
@@ -419,29 +432,40 @@ struct SumPair {
   double s1, s2;
 };
 
-// Backward reduce: per thread, sums of g and g*(x - mean) in the accumulation type (g masked by
-// the ReLU output when kRelu); partials and merges in double.
-template <typename scalar_t, bool kRelu>
+// Backward reduce: per thread, sums of g and g*(x - mean) in the accumulation type (g masked as
+// kMask says); partials and merges in double.
+template <typename scalar_t, Mask kMask>
 struct BackwardRed {
   using acc_t = typename OpMath<scalar_t>::type;
   struct Acc {
-    acc_t s1, s2, mean;
+    acc_t s1, s2, mean, mask_scale, mask_shift;
   };
   using Part = SumPair;
   const scalar_t* dy;
   const scalar_t* x;
   const scalar_t* out;
   const acc_t* mean;
+  const acc_t* mask_scale;
+  const acc_t* mask_shift;
+  acc_t zero_bound;
   acc_t* sum_dy;
   acc_t* sum_dy_xmu;
   __device__ Acc init(int64_t c) const {
-    return Acc{acc_t(0), acc_t(0), mean[c]};
+    if constexpr (kMask == Mask::kFromInput) {
+      return Acc{acc_t(0), acc_t(0), mean[c], mask_scale[c], mask_shift[c]};
+    } else {
+      return Acc{acc_t(0), acc_t(0), mean[c], acc_t(0), acc_t(0)};
+    }
   }
   __device__ void add(Acc& a, int64_t i, int64_t) const {
     acc_t g = static_cast<acc_t>(dy[i]);
-    if constexpr (kRelu) g = rm::relu_backward_mask(g, static_cast<acc_t>(out[i]));
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    if constexpr (kMask == Mask::kFromOutput) g = rm::relu_backward_mask(g, static_cast<acc_t>(out[i]));
+    if constexpr (kMask == Mask::kFromInput) {
+      g = rm::relu_backward_mask_from_input(g, xi, a.mask_scale, a.mask_shift, zero_bound);
+    }
     a.s1 = a.s1 + g;
-    a.s2 = a.s2 + g * (static_cast<acc_t>(x[i]) - a.mean);
+    a.s2 = a.s2 + g * (xi - a.mean);
   }
   __device__ Part to_part(const Acc& a) const {
     return Part{static_cast<double>(a.s1), static_cast<double>(a.s2)};
@@ -496,12 +520,19 @@ void bn_backward_reduce_launch(const BackwardReduceArgs& a) {
     const auto* x = static_cast<const scalar_t*>(a.input);
     const auto* out = static_cast<const scalar_t*>(a.output);
     const auto* mean = static_cast<const acc_t*>(a.mean);
+    const auto* msc = static_cast<const acc_t*>(a.mask_scale);
+    const auto* msh = static_cast<const acc_t*>(a.mask_shift);
+    const acc_t zb = rm::relu_zero_bound<scalar_t, acc_t>();
     auto* sdy = static_cast<acc_t*>(a.sum_dy);
     auto* sdx = static_cast<acc_t*>(a.sum_dy_xmu);
-    if (a.relu) {
-      launch_reduce(a.geo, BackwardRed<scalar_t, true>{dy, x, out, mean, sdy, sdx}, a.partials);
+    if (a.relu && msc != nullptr) {
+      launch_reduce(a.geo, BackwardRed<scalar_t, Mask::kFromInput>{dy, x, out, mean, msc, msh, zb, sdy, sdx},
+                    a.partials);
+    } else if (a.relu) {
+      launch_reduce(a.geo, BackwardRed<scalar_t, Mask::kFromOutput>{dy, x, out, mean, msc, msh, zb, sdy, sdx},
+                    a.partials);
     } else {
-      launch_reduce(a.geo, BackwardRed<scalar_t, false>{dy, x, out, mean, sdy, sdx}, a.partials);
+      launch_reduce(a.geo, BackwardRed<scalar_t, Mask::kNone>{dy, x, out, mean, msc, msh, zb, sdy, sdx}, a.partials);
     }
   });
 }
@@ -510,14 +541,21 @@ void bn_backward_apply_launch(const BackwardApplyArgs& a) {
   dispatch_dtype(a.dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     const bool train = a.mean_dy != nullptr;
-    if (train && a.relu) {
-      bn_backward_apply_typed<scalar_t, true, true>(a);
-    } else if (train) {
-      bn_backward_apply_typed<scalar_t, true, false>(a);
-    } else if (a.relu) {
-      bn_backward_apply_typed<scalar_t, false, true>(a);
+    const Mask mask = !a.relu ? Mask::kNone : (a.mask_scale != nullptr ? Mask::kFromInput : Mask::kFromOutput);
+    if (train) {
+      if (mask == Mask::kFromInput) {
+        bn_backward_apply_typed<scalar_t, true, Mask::kFromInput>(a);
+      } else if (mask == Mask::kFromOutput) {
+        bn_backward_apply_typed<scalar_t, true, Mask::kFromOutput>(a);
+      } else {
+        bn_backward_apply_typed<scalar_t, true, Mask::kNone>(a);
+      }
+    } else if (mask == Mask::kFromInput) {
+      bn_backward_apply_typed<scalar_t, false, Mask::kFromInput>(a);
+    } else if (mask == Mask::kFromOutput) {
+      bn_backward_apply_typed<scalar_t, false, Mask::kFromOutput>(a);
     } else {
-      bn_backward_apply_typed<scalar_t, false, false>(a);
+      bn_backward_apply_typed<scalar_t, false, Mask::kNone>(a);
     }
   });
 }

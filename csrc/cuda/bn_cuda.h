@@ -44,6 +44,8 @@ struct BackwardReduceArgs {
   void* sum_dy;        // out, [C]
   void* sum_dy_xmu;    // out, [C]
   void* partials;
+  const void* mask_scale;  // non-null (with mask_shift): the ReLU mask from input*mask_scale + mask_shift
+  const void* mask_shift;  // ([C], accumulation type); output is then not read
   bool relu;
 };
 
@@ -59,6 +61,8 @@ struct BackwardApplyArgs {
   const void* mean_dy;      // nullptr: eval form g * invstd * weight
   const void* mean_dy_xmu;  // training form only
   void* grad_in;
+  const void* mask_scale;  // as in BackwardReduceArgs (the input is then read in the eval form too)
+  const void* mask_shift;
   bool relu;
 };
 

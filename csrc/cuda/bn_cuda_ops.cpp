@@ -114,12 +114,15 @@ Tensor bn_apply_cuda(const Tensor& input_, const Tensor& scale_, const Tensor& s
 
 std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_out_, const Tensor& input_,
                                                    const c10::optional<Tensor>& output_, const Tensor& mean_,
-                                                   bool relu) {
+                                                   bool relu, const c10::optional<Tensor>& mask_scale_,
+                                                   const c10::optional<Tensor>& mask_shift_) {
   constexpr const char* op = "bn_backward_reduce";
   check_cuda_input(op, input_);
-  check_input_on_cuda(op, input_, {{"grad_out", &grad_out_}, {"output", opt(output_)}, {"mean", &mean_}});
+  check_input_on_cuda(op, input_,
+                      {{"grad_out", &grad_out_}, {"output", opt(output_)}, {"mean", &mean_},
+                       {"mask_scale", opt(mask_scale_)}, {"mask_shift", opt(mask_shift_)}});
   const c10::cuda::CUDAGuard guard(input_.device());
-  BackwardOperands b = backward_operands(op, grad_out_, input_, output_, relu);
+  BackwardOperands b = backward_operands(op, grad_out_, input_, output_, relu, mask_scale_, mask_shift_);
   const Geometry& geo = b.geo;
   const auto acc = opmath_scalar_type(b.input.scalar_type());
   const Tensor mean = channel_vector(op, "mean", mean_, b.input, geo.C, acc);
@@ -137,7 +140,9 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_out_, cons
   a.dtype = b.input.scalar_type();
   a.grad_out = b.grad_out.const_data_ptr();
   a.input = b.input.const_data_ptr();
-  a.output = relu ? b.output.const_data_ptr() : nullptr;
+  a.output = relu && !b.mask_from_input ? b.output.const_data_ptr() : nullptr;
+  a.mask_scale = b.mask_from_input ? b.mask_scale.const_data_ptr() : nullptr;
+  a.mask_shift = b.mask_from_input ? b.mask_shift.const_data_ptr() : nullptr;
   a.mean = mean.const_data_ptr();
   a.sum_dy = sum_dy.mutable_data_ptr();
   a.sum_dy_xmu = sum_dy_xmu.mutable_data_ptr();
@@ -150,17 +155,19 @@ std::tuple<Tensor, Tensor> bn_backward_reduce_cuda(const Tensor& grad_out_, cons
 Tensor bn_backward_apply_cuda(const Tensor& grad_out_, const Tensor& input_, const c10::optional<Tensor>& output_,
                               const Tensor& mean_, const Tensor& invstd_, const c10::optional<Tensor>& weight_,
                               const c10::optional<Tensor>& mean_dy_, const c10::optional<Tensor>& mean_dy_xmu_,
-                              bool relu) {
+                              bool relu, const c10::optional<Tensor>& mask_scale_,
+                              const c10::optional<Tensor>& mask_shift_) {
   constexpr const char* op = "bn_backward_apply";
   check_cuda_input(op, input_);
   check_input_on_cuda(op, input_,
                       {{"grad_out", &grad_out_}, {"output", opt(output_)}, {"mean", &mean_}, {"invstd", &invstd_},
-                       {"weight", opt(weight_)}, {"mean_dy", opt(mean_dy_)}, {"mean_dy_xmu", opt(mean_dy_xmu_)}});
+                       {"weight", opt(weight_)}, {"mean_dy", opt(mean_dy_)}, {"mean_dy_xmu", opt(mean_dy_xmu_)},
+                       {"mask_scale", opt(mask_scale_)}, {"mask_shift", opt(mask_shift_)}});
   const c10::cuda::CUDAGuard guard(input_.device());
   const bool train = present(mean_dy_);
   TORCH_CHECK(train == present(mean_dy_xmu_), op,
               ": mean_dy and mean_dy_xmu must be given together (both or neither)");
-  BackwardOperands b = backward_operands(op, grad_out_, input_, output_, relu);
+  BackwardOperands b = backward_operands(op, grad_out_, input_, output_, relu, mask_scale_, mask_shift_);
   const Geometry& geo = b.geo;
   const int64_t C = geo.C;
   const auto acc = opmath_scalar_type(b.input.scalar_type());
@@ -179,7 +186,9 @@ Tensor bn_backward_apply_cuda(const Tensor& grad_out_, const Tensor& input_, con
   a.dtype = b.input.scalar_type();
   a.grad_out = b.grad_out.const_data_ptr();
   a.input = b.input.const_data_ptr();
-  a.output = relu ? b.output.const_data_ptr() : nullptr;
+  a.output = relu && !b.mask_from_input ? b.output.const_data_ptr() : nullptr;
+  a.mask_scale = b.mask_from_input ? b.mask_scale.const_data_ptr() : nullptr;
+  a.mask_shift = b.mask_from_input ? b.mask_shift.const_data_ptr() : nullptr;
   a.mean = mean.const_data_ptr();
   a.invstd = invstd.const_data_ptr();
   a.weight = weight.defined() ? weight.const_data_ptr() : nullptr;

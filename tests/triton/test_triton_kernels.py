@@ -269,6 +269,48 @@ def test_bn_backward_apply(T, name, fmt, relu, form, weight, tiles):
     assert rel_err(got, ref) <= TOL_F32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name,fmt", SHAPE_FORMATS, ids=SHAPE_IDS)
+def test_backward_mask_from_input(T, name, fmt, dtype, tiles):
+    """mask_scale/mask_shift: the ReLU mask recomputed from the input, as the reference does and as
+    masking with the output of the Triton bn_apply does (scales of both signs)."""
+    shape = _shape(name)
+    c = shape[1]
+    x = _rand(shape, fmt, dtype=dtype, scale=1.5, offset=0.2)
+    grad = _rand(shape, fmt, dtype=dtype)
+    sc, sh = _vec(c, -1.5, 1.5), _vec(c, -0.3, 0.3)
+    out = T.op("bn_apply")(x, sc, sh, None, None, None, True)
+    mean, var = R.bn_stats(x)
+    invstd, w = torch.rsqrt(var + 1e-5), _vec(c, 0.5, 1.5)
+    sums = T.op("bn_backward_reduce")(grad, x, None, mean, True, sc, sh)
+    for got, ref, from_out in zip(sums, R.bn_backward_reduce(grad, x, None, mean, True, sc, sh),
+                                  T.op("bn_backward_reduce")(grad, x, out, mean, True)):
+        assert rel_err(got, ref) <= TOL_F32 and rel_err(got, from_out) <= TOL_F32
+    count = x.numel() // c
+    tol = TOL_F32 if dtype == torch.float32 else STORAGE_TOL[dtype]
+    for stats in ((sums[0] / count, sums[1] / count), (None, None)):
+        got = T.op("bn_backward_apply")(grad, x, None, mean, invstd, w, *stats, True, sc, sh)
+        _assert_like(got, x)
+        assert rel_err(got, R.bn_backward_apply(grad, x, None, mean, invstd, w, *stats, True, sc, sh)) <= tol
+        assert rel_err(got, T.op("bn_backward_apply")(grad, x, out, mean, invstd, w, *stats, True)) <= tol
+
+
+def test_mask_from_input_at_the_rounding_boundary(T):
+    """bfloat16 storage: z = tiny/2 (tiny: the smallest subnormal) rounds to a zero ReLU output
+    (masked), z = 0.75*tiny does not;
+    z = 0 is masked and NaN passes the gradient, exactly as threshold_backward on the output."""
+    info = torch.finfo(torch.bfloat16)
+    # normal inputs (the interpreter flushes subnormal bfloat16 loads); z = x*scale is subnormal
+    x = torch.tensor([info.smallest_normal, 0.0, float("nan"), 1.0], device=DEVICE).to(torch.bfloat16)
+    x = x.reshape(1, 1, 4, 1).expand(2, 2, 4, 1).contiguous()
+    sc, sh = torch.tensor([info.eps / 2, 0.75 * info.eps], device=DEVICE), torch.zeros(2, device=DEVICE)
+    g = torch.ones_like(x)
+    zeros, ones = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+    got = T.op("bn_backward_apply")(g, x, None, zeros, ones, None, None, None, True, sc, sh)
+    assert torch.equal(got, R.bn_backward_apply(g, x, None, zeros, ones, None, None, None, True, sc, sh))
+    assert got[0, :, :, 0].float().tolist() == [[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0]]
+
+
 def test_bn_backward_apply_argument_errors(T):
     x, g = _rand((2, 3, 4, 4)), _rand((2, 3, 4, 4))
     v = _vec(3)
@@ -276,6 +318,10 @@ def test_bn_backward_apply_argument_errors(T):
         T.op("bn_backward_apply")(g, x, None, v, v, None, v, None, False)
     with pytest.raises(Exception, match="relu=True needs"):
         T.op("bn_backward_apply")(g, x, None, v, v, None, None, None, True)
+    with pytest.raises(Exception, match="mask_scale and mask_shift must be given together"):
+        T.op("bn_backward_apply")(g, x, None, v, v, None, None, None, True, v, None)
+    with pytest.raises(Exception, match="need relu=True and no output"):
+        T.op("bn_backward_reduce")(g, x, g, v, True, v, v)
 
 
 def test_unsupported_dtype_is_a_clear_error(T):
