@@ -146,6 +146,7 @@ def fused_forward(block: nn.Module, x: Tensor) -> Tensor:
 def stem_applies(model: nn.Module, x: Tensor) -> bool:
     """True when a ResNet's stem (configuration already checked by ``FusedResNet.fused_supported``)
     runs its conv here: the conditions of :func:`applies` for ``conv1`` and ``bn1``."""
+    # under autocast: the units' path (the ATen conv module call runs in the autocast dtype)
     if not ops.triton_conv_in_use(x) or torch.is_autocast_enabled(x.device.type):
         return False
     if sync_bn.sync_world_size(model.bn1) > 1:
