@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from conftest import (DEVICE, TOL_NET_GRAD, TOL_NET_OUT, compare_buffers, compare_grads, randomize_bn,
