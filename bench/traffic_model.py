@@ -32,10 +32,18 @@ Plans (what each block's BatchNorm/ReLU/add work costs, written as passes over n
                  recompute in its prologue (no recomputed tensor in memory) and the identity's gradient
                  accumulated in the grad-input epilogue of the block's first conv.
 
+The stem (``conv1 -> bn1 -> relu``, then the max-pool; :class:`resnet_fused.FusedResNet`), per
+element of the stem conv's output: ``eager`` 13 (BN statistics 1, normalize 2, ReLU 2; backward ReLU
+3, BN 5); ``fused`` 10 (``units.bn_relu``: bn_stats 1, one apply with the ReLU 2; backward reduce 3
+and apply 4, both reading the saved output for the ReLU mask: no separate ReLU pass); ``triton`` 9
+(statistics from the Triton stem conv's epilogue: 0; apply 2; backward 7 as ``fused``: the output
+feeds the max-pool, not a conv, so there is no prologue to take the BN+ReLU);
+``triton_mask_from_input`` and ``triton_conv_backward`` 7 (the mask from the saved input: reduce 2,
+apply 3; a Triton conv backward changes nothing more here, the stem conv's input is the image).
+
 Inference: ``eager`` (BN normalize, in-place ReLU/add) vs ``folded_triton`` (fold_bn + the Triton conv
-with bias/residual/ReLU epilogue: only the residual read remains). The stem's BN+ReLU is in every
-training plan as eager (the fused blocks do not replace it, so no epilogue gives its statistics);
-folded, it is the stem conv's epilogue.
+with bias/residual/ReLU epilogue: only the residual read remains); folded, the stem's BN+ReLU is the
+stem conv's epilogue.
 
 Run ``python -m bench.traffic_model --model resnet50 --batch 32 --dtype bfloat16 --mode train``.
 """
@@ -169,10 +177,24 @@ BLOCK_RULES: Dict[str, Dict[str, Callable[[BlockShapes], float]]] = {
 }
 
 
+def _stem_train(stats: int, reduce_: int, apply_: int) -> Callable[[StemShapes], float]:
+    # forward: statistics pass + apply (read y, write a); backward: reduce + apply
+    return lambda s: (stats + 2 + reduce_ + apply_) * s.y
+
+
+STEM_RULES: Dict[str, Dict[str, Callable[[StemShapes], float]]] = {
+    "train": {"eager": lambda s: 5 * s.y + 8 * s.y,   # BN 3 + ReLU 2; ReLU backward 3 + BN backward 5
+              "fused": _stem_train(stats=1, reduce_=3, apply_=4),   # reduce (g, y, a), apply (g, y, a -> dy)
+              "triton": _stem_train(stats=0, reduce_=3, apply_=4),  # statistics in the conv epilogue
+              "triton_mask_from_input": _stem_train(stats=0, reduce_=2, apply_=3),  # (g, y), (g, y -> dy)
+              "triton_conv_backward": _stem_train(stats=0, reduce_=2, apply_=3)},
+    "infer": {"eager": lambda s: 4 * s.y,             # BN normalize 2, ReLU 2
+              "folded_triton": lambda s: 0.0},
+}
+
+
 def _stem_elements(s: StemShapes, mode: str, plan: str) -> float:
-    if mode == "train":
-        return 5 * s.y + 8 * s.y        # eager BN+ReLU forward and backward in every training plan
-    return 4 * s.y if plan == "eager" else 0.0
+    return STEM_RULES[mode][plan](s)
 
 
 # --- shapes from the model --------------------------------------------------------------------------
@@ -245,11 +267,12 @@ _NO_TRAFFIC = ("detach", "view", "alias", "expand", "as_strided", "permute", "sq
 _CONV_OPERANDS = ("convolution", "conv2d_bn_stats")   # ATen conv fwd/bwd, the Triton training conv: own operands
 
 
-def measured_elements(block: nn.Module, x: torch.Tensor) -> float:
+def measured_elements(block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
     """Activation elements one training step of ``block`` (forward + backward) reads and writes
     outside its convolutions, counted at the dispatcher: every op's 4-D tensors whose first
     dimension is the batch (activations, not weights or per-channel vectors), inputs read once and
-    outputs written once. Checks the ``fused`` plan against what the units really launch."""
+    outputs written once. Checks the ``fused`` plan against what the units really launch. ``block``
+    is a module or any callable (e.g. ``FusedResNet._fused_stem``, the stem up to the max-pool)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 

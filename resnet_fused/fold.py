@@ -8,7 +8,8 @@ touched):
    :class:`FoldedBasicBlock` / :class:`FoldedBottleneck`, which run conv + bias (+ residual) + ReLU
    through :func:`resnet_fused.ops.conv_bias_act`.
 2. Everything else is traced with ``torch.fx`` (blocks are leaf modules: their input checks are not
-   traceable, and they are already folded by structure) to find each ``Conv2d -> BatchNorm2d`` /
+   traceable, and they are already folded by structure; a :class:`resnet_fused.FusedResNet` traces
+   as torchvision's ResNet, so its stem folds too) to find each ``Conv2d -> BatchNorm2d`` /
    ``FrozenBatchNorm2d`` edge where the conv output has no other user; the fold then happens in the
    model's own module tree (folded conv in place of the conv, ``nn.Identity`` in place of the BN), so
    the folded model keeps its class and structure.

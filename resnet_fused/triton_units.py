@@ -16,6 +16,10 @@ backward). As in :class:`resnet_fused.units._BNReLUConv` (whose backward this re
 backward (recompute in its prologue, mask from the saved input) would save is quantified by
 bench/traffic_model.py (plans ``triton`` vs ``triton_conv_backward``).
 
+A ResNet's stem (:class:`resnet_fused.FusedResNet`) takes the same conv: ``y, stats = conv1(x)``
+(statistics epilogue), then :func:`resnet_fused.units.bn_relu` (its output feeds the max-pool, so
+there is no next conv to take the BN+ReLU as a prologue).
+
 Statistics are non-differentiable outputs: the next unit's backward returns the complete gradient of
 its input, statistics terms included (the contract of :mod:`resnet_fused.units`).
 """
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 from . import ops, sync_bn, units
 from .units import BNState
 
-__all__ = ["applies", "fused_forward"]
+__all__ = ["applies", "fused_forward", "stem_applies", "stem_conv_stats"]
 
 
 class _ConvStats(torch.autograd.Function):
@@ -137,3 +141,20 @@ def fused_forward(block: nn.Module, x: Tensor) -> Tensor:
         out = units.bn_add_relu(y, last, x)
     units.update_running_stats(states)
     return out
+
+
+def stem_applies(model: nn.Module, x: Tensor) -> bool:
+    """True when a ResNet's stem (configuration already checked by ``FusedResNet.fused_supported``)
+    runs its conv here: the conditions of :func:`applies` for ``conv1`` and ``bn1``."""
+    # under autocast: the units' path (the ATen conv module call runs in the autocast dtype)
+    if not ops.triton_conv_in_use(x) or torch.is_autocast_enabled(x.device.type):
+        return False
+    if sync_bn.sync_world_size(model.bn1) > 1:
+        return False  # synchronized statistics: the units' path exchanges them between ranks
+    return model.conv1.weight.dtype == x.dtype
+
+
+def stem_conv_stats(model: nn.Module, x: Tensor) -> Tuple[Tensor, BNState]:
+    """``y = conv1(x)`` with ``bn1``'s statistics from the conv epilogue (no ``bn_stats`` pass)."""
+    y, mean, var = _ConvStats.apply(x, model.conv1.weight, *_conv_args(model.conv1))
+    return y, _state(model.bn1, y, mean, var)

@@ -6,6 +6,8 @@
   scale/shift inside the kernels, so ``a`` is not read again.
 * :func:`bn_add_relu` — the block end ``relu(bn(y) + identity)``, where the identity is either a
   tensor or ``bn_ds(y_ds)`` (the downsample branch's BatchNorm, applied in the same pass).
+* :func:`bn_relu` — ``relu(bn(y))`` of a ResNet's stem (its output feeds the max-pool, which keeps
+  it alive anyway: saving it costs no memory and gives the backward its ReLU mask).
 
 A BatchNorm is described by :class:`BNState`: the statistics the forward normalizes with (batch
 statistics in training, running statistics otherwise) and its affine parameters. The statistics are
@@ -213,6 +215,36 @@ def bn_add_relu(y: Tensor, bn: BNState, identity: Optional[Tensor] = None,
                                 bn.sync, bn_ds.sync)
     return _BNAddReLU.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, bn.batch_stats, identity,
                             None, None, None, None, None, None, bn.sync, None)
+
+
+class _BNReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, mean, invstd, weight, bias, batch_stats, sync=None):
+        scale, shift = _scale_shift(mean, invstd, weight, bias)
+        a = ops.bn_apply(y, scale, shift, None, None, None, True)
+        ctx.batch_stats = batch_stats
+        ctx.sync = sync
+        # the output, not a mask: the ReLU backward is folded into the BN backward kernels, which
+        # read it; the max-pool that follows in a ResNet saves the same tensor.
+        ctx.save_for_backward(y, mean, invstd, weight, a)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad_a):
+        y, mean, invstd, weight, a = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_y = grad_w = grad_b = None
+        if need[0] or need[3] or need[4]:
+            grad_a = grad_a.contiguous(memory_format=_memory_format(y))
+            grad_y, grad_w, grad_b = _bn_input_grad(grad_a, y, a, mean, invstd, weight,
+                                                    ctx.batch_stats, need[0], ctx.sync)
+        return (grad_y, None, None, grad_w if need[3] else None, grad_b if need[4] else None,
+                None, None)
+
+
+def bn_relu(y: Tensor, bn: BNState) -> Tensor:
+    """``relu(bn(y))`` in one pass; backward masks with the saved output inside the BN kernels."""
+    return _BNReLU.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, bn.batch_stats, bn.sync)
 
 
 _BATCHNORMS = (nn.BatchNorm2d, SyncBatchNorm, nn.SyncBatchNorm)

@@ -1,6 +1,7 @@
-"""swap_blocks / unswap_blocks on torchvision models: every block converted in place, the very same
-parameter and buffer tensors kept (optimizers and checkpoints keep working), training mode, dtype and
-memory format kept, idempotent, reversible, and numerically torchvision's model."""
+"""swap_blocks / unswap_blocks on torchvision models: every block (and the ResNet itself, for its
+fused stem) converted in place, the very same parameter and buffer tensors kept (optimizers and
+checkpoints keep working), training mode, dtype and memory format kept, idempotent, reversible, and
+numerically torchvision's model."""
 from __future__ import annotations
 
 import copy
@@ -12,10 +13,11 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.quantization.resnet import QuantizableBasicBlock, QuantizableBottleneck
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.quantization.resnet import QuantizableResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import resnet_fused
-from resnet_fused import FusedBasicBlock, FusedBottleneck
+from resnet_fused import FusedBasicBlock, FusedBottleneck, FusedResNet
 
 from conftest import TOL_NET_OUT, TOL_OUT, randomize_bn, rel_err
 
@@ -27,6 +29,12 @@ ARCHS = {
 
 def _block_names(layers):
     return [f"layer{i + 1}.{j}" for i, n in enumerate(layers) for j in range(n)]
+
+
+def _converted_names(layers):
+    """What swap_blocks converts in a torchvision ResNet: the model itself ("", its stem), then
+    every block (named_modules order)."""
+    return [""] + _block_names(layers)
 
 
 def _tensors(model):
@@ -54,14 +62,16 @@ def test_swap_converts_every_block_in_place(arch, models, caplog):
     assert result is model
     report = model.resnet_fused_report
     assert isinstance(report, resnet_fused.SwapReport)
-    assert report.converted == _block_names(layers)
-    assert report.already == [] and report.left == []
-    for name in report.converted:
+    assert report.converted == _converted_names(layers)
+    assert report.already == [] and report.left == [] and report.stems == [""]
+    assert type(model) is FusedResNet and isinstance(model, ResNet) and model.fused_supported()
+    for name in _block_names(layers):
         block = model.get_submodule(name)
         assert type(block) is fused_cls and isinstance(block, plain)
         assert block.fused_supported()
-    assert not any(type(m) in (BasicBlock, Bottleneck) for m in model.modules())
+    assert not any(type(m) in (BasicBlock, Bottleneck, ResNet) for m in model.modules())
     assert any("swap_blocks" in r.getMessage() for r in caplog.records)
+    assert str(report).startswith(f"converted {len(_block_names(layers))} block(s) + 1 ResNet stem(s), ")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -109,7 +119,7 @@ def test_swap_is_idempotent(arch, models):
     resnet_fused.swap_blocks(model)
     report = model.resnet_fused_report
     assert report.converted == []
-    assert report.already == _block_names(layers)
+    assert report.already == _converted_names(layers)
     assert {n: type(m) for n, m in model.named_modules()} == classes
 
 
@@ -122,8 +132,9 @@ def test_unswap_round_trip_restores_torchvision_classes(arch, models):
     resnet_fused.swap_blocks(model)
     result = resnet_fused.unswap_blocks(model)
     assert result is model
-    assert model.resnet_fused_report.converted == _block_names(layers)
+    assert model.resnet_fused_report.converted == _converted_names(layers)
     assert {n: type(m) for n, m in model.named_modules()} == original
+    assert type(model) is ResNet
     assert all(type(model.get_submodule(n)) is plain for n in _block_names(layers))
     for (name, t0, p0), (_, t1, p1) in zip(before, _tensors(model)):
         assert t1 is t0 and p1 == p0, name
@@ -174,17 +185,18 @@ def test_subclass_overriding_forward_is_left_and_reported():
     assert all(type(model.get_submodule(n)) is QuantizableBasicBlock for n in names)
     resnet_fused.swap_blocks(model)
     report = model.resnet_fused_report
-    assert report.left == names
+    assert report.left == [""] + names  # QuantizableResNet overrides forward too
     assert report.converted == [] and report.already == []
+    assert type(model) is QuantizableResNet
     assert all(type(model.get_submodule(n)) is QuantizableBasicBlock for n in names)
-    assert "left 8" in str(report)
+    assert "left 9 ((model), layer1.0, " in str(report)
 
 
 def test_quantizable_bottleneck_is_left_too():
     model = torchvision.models.quantization.resnet50(weights=None, quantize=False)
     resnet_fused.swap_blocks(model)
-    assert len(model.resnet_fused_report.left) == 16
-    assert all(type(m) is not FusedBottleneck for m in model.modules())
+    assert len(model.resnet_fused_report.left) == 1 + 16
+    assert all(type(m) not in (FusedBottleneck, FusedResNet) for m in model.modules())
     assert any(type(m) is QuantizableBottleneck for m in model.modules())
 
 
@@ -232,6 +244,7 @@ def test_swapped_model_pickles_and_deepcopies(models):
     with torch.no_grad():
         expected = model(x)
         for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+            assert type(clone) is FusedResNet and clone.fused_supported()
             assert all(type(clone.get_submodule(n)) is FusedBasicBlock for n in _block_names([2, 2, 2, 2]))
             assert torch.equal(clone(x), expected)
 
@@ -243,3 +256,68 @@ def test_swap_on_a_single_block_and_on_a_model_without_blocks():
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     resnet_fused.swap_blocks(plain)
     assert plain.resnet_fused_report.converted == [] and type(plain[1]) is nn.BatchNorm2d
+
+
+# ------------------------------------------------------------------------------------------------
+# the ResNet itself (its stem)
+# ------------------------------------------------------------------------------------------------
+class TaggedResNet(ResNet):
+    """A ResNet subclass that keeps torchvision's forward (adds an attribute only)."""
+
+    tag = "mine"
+
+
+class OwnForwardImplResNet(ResNet):
+    def _forward_impl(self, x):
+        return super()._forward_impl(x) * 2
+
+
+class OwnForwardResNet(ResNet):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def test_resnet_subclass_without_its_own_forward_is_converted_and_back():
+    model = randomize_bn(TaggedResNet(BasicBlock, [1, 1, 1, 1], num_classes=5))
+    original = copy.deepcopy(model)
+    resnet_fused.swap_blocks(model)
+    assert model.resnet_fused_report.converted == [""] + [f"layer{i}.0" for i in range(1, 5)]
+    assert isinstance(model, TaggedResNet) and isinstance(model, FusedResNet) and model.tag == "mine"
+    assert model.fused_supported()
+    model.eval(), original.eval()  # (training at 32x32 leaves 2 values per channel in layer4)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        assert rel_err(model(x), original(x)) <= TOL_NET_OUT
+    clone = pickle.loads(pickle.dumps(model))
+    assert isinstance(clone, TaggedResNet) and isinstance(clone, FusedResNet)
+    resnet_fused.unswap_blocks(model)
+    assert type(model) is TaggedResNet
+
+
+@pytest.mark.parametrize("cls", [OwnForwardImplResNet, OwnForwardResNet])
+def test_resnet_subclass_with_its_own_forward_is_left(cls):
+    model = cls(BasicBlock, [1, 1, 1, 1])
+    resnet_fused.swap_blocks(model)
+    report = model.resnet_fused_report
+    assert type(model) is cls
+    assert report.left == [""] and report.stems == [""]
+    assert report.converted == [f"layer{i}.0" for i in range(1, 5)]  # its blocks are still converted
+    assert str(report) == "converted 4 block(s), 0 already converted, left 1 ((model))"
+
+
+def test_a_resnet_inside_another_module_is_converted_under_its_name(models):
+    wrapper = nn.Sequential(nn.Identity(), copy.deepcopy(models["resnet18"]))
+    resnet_fused.swap_blocks(wrapper)
+    report = wrapper.resnet_fused_report
+    assert report.converted[0] == "1" and report.stems == ["1"]
+    assert type(wrapper[1]) is FusedResNet
+    resnet_fused.unswap_blocks(wrapper)
+    assert type(wrapper[1]) is ResNet and wrapper.resnet_fused_report.stems == ["1"]
+
+
+def test_swapped_resnet_state_dict_and_parameters_are_torchvisions(models):
+    original = models["resnet50"]
+    swapped = resnet_fused.swap_blocks(copy.deepcopy(original))
+    assert list(swapped.state_dict()) == list(original.state_dict())
+    assert sum(p.numel() for p in swapped.parameters()) == sum(p.numel() for p in original.parameters())
+    original.load_state_dict(swapped.state_dict(), strict=True)

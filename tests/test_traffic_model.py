@@ -22,6 +22,17 @@ def test_hand_counts_basic_block():
     assert infer == {"eager": 11, "folded_triton": 1}
 
 
+def test_hand_counts_stem():
+    # the stem conv's output holds S = 1 element: see the stem paragraph of the module docstring
+    s = tm.StemShapes("stem", 1)
+    train = {p: rule(s) for p, rule in tm.STEM_RULES["train"].items()}
+    assert train == {"eager": 13, "fused": 10, "triton": 9, "triton_mask_from_input": 7,
+                     "triton_conv_backward": 7}
+    assert list(tm.STEM_RULES["train"]) == list(tm.BLOCK_RULES["train"])  # every plan has a stem row
+    infer = {p: rule(s) for p, rule in tm.STEM_RULES["infer"].items()}
+    assert infer == {"eager": 4, "folded_triton": 0}
+
+
 def test_hand_counts_downsample_bottleneck():
     # x: 4 elements, inner convs 1 each, last conv and downsample 2 each
     b = tm.BlockShapes("b", 4, [1, 1, 2], y_ds=2)
@@ -64,6 +75,22 @@ def test_fused_plan_matches_the_units(kind, channels_last):
     ys = [shapes[c] for c in ("conv1", "conv2", "conv3") if c in shapes]
     modelled = tm.BLOCK_RULES["train"]["fused"](tm.BlockShapes("b", x.numel(), ys, shapes.get("ds", 0)))
     assert measured == modelled
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_stem_plan_matches_the_unit(channels_last):
+    """The stem row of the ``fused`` plan against what FusedResNet's stem (conv1 + units.bn_relu,
+    up to the max-pool) really launches."""
+    import torchvision
+
+    model = resnet_fused.swap_blocks(torchvision.models.resnet18(num_classes=10)).train()
+    x = torch.randn(2, 3, 16, 16)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    assert model.fused_supported()
+    measured = tm.measured_elements(model._fused_stem, x)
+    assert measured == tm.STEM_RULES["train"]["fused"](tm.StemShapes("stem", 2 * 64 * 8 * 8))
+    assert measured < tm.STEM_RULES["train"]["eager"](tm.StemShapes("stem", 2 * 64 * 8 * 8))
 
 
 def test_cli_prints_model_ratios(capsys):

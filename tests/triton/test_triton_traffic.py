@@ -34,3 +34,18 @@ def test_triton_plan_matches_the_units(T, kind):
     b = tm.BlockShapes("b", x.numel(), ys, shapes.get("ds", 0))
     assert measured == tm.BLOCK_RULES["train"]["triton"](b)
     assert measured < tm.BLOCK_RULES["train"]["fused"](b)
+
+
+def test_triton_stem_plan_matches_the_unit(T):
+    """The stem row of the ``triton`` plan: statistics from the Triton stem conv's epilogue (no
+    bn_stats pass), then units.bn_relu, as FusedResNet launches it."""
+    import torchvision
+
+    model = resnet_fused.swap_blocks(torchvision.models.resnet18(num_classes=10)).train()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    with resnet_fused.use_backend("triton"):
+        measured = tm.measured_elements(model._fused_stem, x)
+    s = tm.StemShapes("stem", 2 * 64 * 4 * 4)
+    assert measured == tm.STEM_RULES["train"]["triton"](s)
+    assert measured < tm.STEM_RULES["train"]["fused"](s)

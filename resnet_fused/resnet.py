@@ -1,0 +1,100 @@
+"""``FusedResNet``: torchvision's ``ResNet`` whose stem BatchNorm+ReLU is one fused unit.
+
+Only ``_forward_impl`` differs from torchvision's: the stem ``conv1 -> bn1 -> relu`` runs as the conv
+followed by :func:`resnet_fused.units.bn_relu` (one apply pass forward; backward masks with the saved
+output inside the BN backward kernels: no separate ReLU passes), then ``maxpool``, ``layer1..4``,
+``avgpool``, ``flatten`` and ``fc`` exactly as torchvision calls them. On the ``triton`` backend the
+stem conv is the Triton conv whose epilogue computes ``bn1``'s statistics (no ``bn_stats`` pass).
+
+A stem the unit does not reproduce exactly (another norm layer, BN without affine or running
+statistics, a conv with bias or non-zero padding mode, an activation other than ``nn.ReLU``, hooks
+on ``conv1``/``bn1``/``relu``) runs torchvision's ``_forward_impl``, as does ``torch.fx`` tracing
+(``fold_bn`` traces the model to find its conv/BN pairs).
+
+Built by :func:`resnet_fused.swap_blocks` (a class swap: same tensors and state_dict) or directly
+with torchvision's ``ResNet`` constructor arguments.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torchvision.models.resnet import ResNet
+
+from . import sync_bn, triton_units, units
+from .blocks import _conv_out_hw, _has_hooks, _is_plain_conv
+
+__all__ = ["FusedResNet"]
+
+
+class FusedResNet(ResNet):
+    """torchvision ``ResNet`` whose stem BN+ReLU runs one fused autograd unit."""
+
+    def fused_supported(self) -> bool:
+        """True when ``forward`` runs the fused stem (else torchvision's ``_forward_impl`` runs)."""
+        conv, bn, relu = self.conv1, self.bn1, self.relu
+        return (_is_plain_conv(conv) and not _has_hooks(conv)
+                and units.is_supported_norm(bn) and not _has_hooks(bn)
+                and type(relu) is nn.ReLU and not _has_hooks(relu))
+
+    def _validate(self, x: Tensor) -> None:
+        """Errors that name the problem, raised before any kernel runs or state changes."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+        conv = self.conv1
+        if x.shape[1] != conv.in_channels:
+            raise ValueError(f"{name}: expected {conv.in_channels} input channels, got "
+                             f"{x.shape[1]} (input shape {tuple(x.shape)})")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
+        weight = conv.weight
+        if x.device != weight.device:
+            raise ValueError(f"{name}: input is on {x.device} but the model's parameters are on "
+                             f"{weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name}: input dtype {x.dtype} does not match the model's parameter "
+                            f"dtype {weight.dtype} (convert one of them, or run under torch.autocast)")
+        # synchronized BN: group/device errors now; one value per channel is fine across ranks
+        # (the global count is checked after the statistics are gathered)
+        world = sync_bn.sync_world_size(self.bn1, x.device)
+        n = x.shape[0]
+        h, w = _conv_out_hw(conv, x.shape[2], x.shape[3])
+        if h <= 0 or w <= 0:
+            raise ValueError(f"{name}: input of spatial size {tuple(x.shape[2:])} is too small for {conv}")
+        if units.uses_batch_stats(self.bn1) and n * h * w == 1 and world == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {torch.Size([n, conv.out_channels, h, w])}")
+
+    def _fused_stem(self, x: Tensor) -> Tensor:
+        if triton_units.stem_applies(self, x):  # statistics from the Triton conv's epilogue
+            y, state = triton_units.stem_conv_stats(self, x)
+        else:
+            # A module call: under autocast the conv runs in the autocast dtype, and the unit
+            # accepts that input with float32 BN parameters, as the blocks' units do.
+            y = self.conv1(x)
+            state = units.prepare_bn(self.bn1, y, sync_bn.synchronizer_for(self.bn1))
+        out = units.bn_relu(y, state)
+        units.update_running_stats([state])  # after the kernels succeeded
+        return out
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        # fx tracing (fold_bn's, the user's): torchvision's graph, whose control flow does not
+        # depend on the input
+        if isinstance(x, torch.fx.Proxy) or not self.fused_supported():
+            return super()._forward_impl(x)
+        self._validate(x)
+        x = self._fused_stem(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
