@@ -34,12 +34,12 @@ Plans (what each block's BatchNorm/ReLU/add work costs, written as passes over n
 
 The stem (``conv1 -> bn1 -> relu``, then the max-pool; :class:`resnet_fused.FusedResNet`), per
 element of the stem conv's output: ``eager`` 13 (BN statistics 1, normalize 2, ReLU 2; backward ReLU
-3, BN 5); ``fused`` 10 (``units.bn_relu``: bn_stats 1, one apply with the ReLU 2; backward reduce 3
-and apply 4, both reading the saved output for the ReLU mask: no separate ReLU pass); ``triton`` 9
-(statistics from the Triton stem conv's epilogue: 0; apply 2; backward 7 as ``fused``: the output
-feeds the max-pool, not a conv, so there is no prologue to take the BN+ReLU);
-``triton_mask_from_input`` and ``triton_conv_backward`` 7 (the mask from the saved input: reduce 2,
-apply 3; a Triton conv backward changes nothing more here, the stem conv's input is the image).
+3, BN 5); ``fused`` 8 (``units.bn_relu``: bn_stats 1, one apply with the ReLU 2; backward reduce 2
+and apply 3, both recomputing the ReLU mask from the saved input: no separate ReLU pass, the output
+is not read); ``triton`` and the plans after it 7 (statistics from the Triton stem conv's epilogue:
+0; apply 2; backward 5 as ``fused``: the output feeds the max-pool, not a conv, so there is no
+prologue to take the BN+ReLU; a Triton conv backward changes nothing here, the stem conv's input is
+the image).
 
 Inference: ``eager`` (BN normalize, in-place ReLU/add) vs ``folded_triton`` (fold_bn + the Triton conv
 with bias/residual/ReLU epilogue: only the residual read remains); folded, the stem's BN+ReLU is the
@@ -184,9 +184,9 @@ def _stem_train(stats: int, reduce_: int, apply_: int) -> Callable[[StemShapes],
 
 STEM_RULES: Dict[str, Dict[str, Callable[[StemShapes], float]]] = {
     "train": {"eager": lambda s: 5 * s.y + 8 * s.y,   # BN 3 + ReLU 2; ReLU backward 3 + BN backward 5
-              "fused": _stem_train(stats=1, reduce_=3, apply_=4),   # reduce (g, y, a), apply (g, y, a -> dy)
-              "triton": _stem_train(stats=0, reduce_=3, apply_=4),  # statistics in the conv epilogue
-              "triton_mask_from_input": _stem_train(stats=0, reduce_=2, apply_=3),  # (g, y), (g, y -> dy)
+              "fused": _stem_train(stats=1, reduce_=2, apply_=3),   # reduce (g, y), apply (g, y -> dy)
+              "triton": _stem_train(stats=0, reduce_=2, apply_=3),  # statistics in the conv epilogue
+              "triton_end_mask": _stem_train(stats=0, reduce_=2, apply_=3),
               "triton_conv_backward": _stem_train(stats=0, reduce_=2, apply_=3)},
     "infer": {"eager": lambda s: 4 * s.y,             # BN normalize 2, ReLU 2
               "folded_triton": lambda s: 0.0},

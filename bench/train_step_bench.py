@@ -33,16 +33,17 @@ numbers to quote are wall-clock ratios from a quiet machine (the default clock).
 What bounds the fused step (memory passes over each BN-sized tensor S, reads + writes, beyond
 what the limit model does; resnet50, batch 8, 224x224, float32):
 
-    per tensor                     eager   fused (current op schemas)   limit
-    BN+ReLU feeding a conv          13      12 (fwd 3; bwd recompute 2 + reduce 3 + apply 4)   0
+    per tensor                     eager   fused                                              limit
+    BN+ReLU feeding a conv          13      10 (fwd 3; bwd recompute 2 + reduce 2 + apply 3)   0
     block end (bn3 + add + relu)    16      12 (fwd 4; bwd mask 3 + reduce 2 + apply 3)        3 (add)
     downsample BN                    8       6                                                  0
-    stem BN+ReLU (FusedResNet)      13      10 (fwd 3; bwd reduce 3 + apply 4)                  0
+    stem BN+ReLU (FusedResNet)      13       8 (fwd 3; bwd reduce 2 + apply 3)                  0
 
-Summed over the network (sum of S: BN+ReLU units 105 MB, block ends 177 MB, downsample 48 MB,
-stem 26 MB) that is about 4.4 GB (eager) vs 3.4 GB (fused) of traffic the limit model does not
-have: by bytes alone the fused model captures about 22% of the headroom (21% before the stem was
-fused); the rest of any gain has
+(the backward reduce and apply recompute the ReLU mask from the saved input and the forward's
+scale/shift, so neither reads a BN+ReLU output). Summed over the network (sum of S: BN+ReLU units
+105 MB, block ends 177 MB, downsample 48 MB, stem 26 MB) that is about 4.4 GB (eager) vs 3.1 GB
+(fused) of traffic the limit model does not have: by bytes alone the fused model captures about 28%
+of the headroom (21% before the mask from the input and the fused stem); the rest of any gain has
 to come from per-pass efficiency (ATen's NCHW BatchNorm kernels are well below bandwidth, its
 channels-last ones are not). The identity gradient's accumulation (read 2S, write S per block) is
 done by autograd in all three variants.

@@ -224,26 +224,27 @@ class _BNReLU(torch.autograd.Function):
         a = ops.bn_apply(y, scale, shift, None, None, None, True)
         ctx.batch_stats = batch_stats
         ctx.sync = sync
-        # the output, not a mask: the ReLU backward is folded into the BN backward kernels, which
-        # read it; the max-pool that follows in a ResNet saves the same tensor.
-        ctx.save_for_backward(y, mean, invstd, weight, a)
+        # scale/shift, not the output: the BN backward kernels recompute the ReLU mask from y (which
+        # they read anyway), so the output is read by nobody here (the max-pool keeps its own).
+        ctx.save_for_backward(y, mean, invstd, weight, scale, shift)
         return a
 
     @staticmethod
     def backward(ctx, grad_a):
-        y, mean, invstd, weight, a = ctx.saved_tensors
+        y, mean, invstd, weight, scale, shift = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_y = grad_w = grad_b = None
         if need[0] or need[3] or need[4]:
             grad_a = grad_a.contiguous(memory_format=_memory_format(y))
-            grad_y, grad_w, grad_b = _bn_input_grad(grad_a, y, a, mean, invstd, weight,
-                                                    ctx.batch_stats, need[0], ctx.sync)
+            grad_y, grad_w, grad_b = _bn_input_grad(grad_a, y, None, mean, invstd, weight,
+                                                    ctx.batch_stats, need[0], ctx.sync, (scale, shift))
         return (grad_y, None, None, grad_w if need[3] else None, grad_b if need[4] else None,
                 None, None)
 
 
 def bn_relu(y: Tensor, bn: BNState) -> Tensor:
-    """``relu(bn(y))`` in one pass; backward masks with the saved output inside the BN kernels."""
+    """``relu(bn(y))`` in one pass; backward recomputes the ReLU mask from ``y`` inside the BN
+    kernels (no ReLU backward pass, the output is not read)."""
     return _BNReLU.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, bn.batch_stats, bn.sync)
 
 
