@@ -243,20 +243,11 @@ def _folded_limit_class(cls: type) -> Optional[type]:
     if cls not in (FoldedBasicBlock, FoldedBottleneck):
         return None
     return _FOLDED_LIMITS.setdefault(cls, type(f"{cls.__name__}Limit", (cls,), {
-        "_conv": staticmethod(_conv_only),
+        "_use_bias": False, "_use_relu": False,
         "__doc__": f"{cls.__name__} without bias or ReLU: the limit on the folded path."}))
 
 
 _FOLDED_LIMITS: Dict[type, type] = {}
-
-
-def _conv_only(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None,
-               residual_is_scratch: bool = False) -> Tensor:
-    from . import ops
-
-    return ops.conv_bias_act(x, conv.weight, None, conv.stride, conv.padding, conv.dilation,
-                             conv.groups, residual=residual, relu=False,
-                             residual_is_scratch=residual_is_scratch)
 
 
 @torch.no_grad()

@@ -18,7 +18,9 @@ touched):
 
 State dict of the folded model: every folded BN's keys are gone and its conv gains a ``bias`` key;
 all other keys are unchanged (blocks keep ``conv1``/``conv2``/``conv3``/``downsample.0`` names).
-BN without running statistics is left in place.
+BN without running statistics is left in place. A ``nn.ReLU`` module fed only by a folded BN (and
+called nowhere else: a ResNet's stem ReLU) becomes the folded conv's post-op (``fused_relu``) and an
+``nn.Identity`` in the tree; other activations (ReLU6, functional calls) stay separate ops.
 """
 from __future__ import annotations
 
@@ -50,11 +52,20 @@ class FoldedConv2d(nn.Conv2d):
     inference a oneDNN convolution on a cached pre-packed weight (the stem and the downsample
     convs of a ResNet take the same path as the blocks' convs; measured on ResNet-50 at batch 1:
     ATen's convolution reorders the weight on every call and returns the input's layout, so an
-    NCHW input kept the stem's max-pool and the first blocks in NCHW); elsewhere ``F.conv2d``."""
+    NCHW input kept the stem's max-pool and the first blocks in NCHW); elsewhere ``F.conv2d``.
+
+    ``fused_relu``: the ReLU module that followed the BatchNorm (the only user of its output, called
+    nowhere else) runs as the convolution's post-op; fold_bn then replaces that module with
+    ``nn.Identity`` (a ResNet's stem ReLU: one pass over the stem's output fewer)."""
+
+    fused_relu = False
 
     def forward(self, input: Tensor) -> Tensor:
         return ops.conv_bias_act(input, self.weight, self.bias, self.stride, self.padding,
-                                 self.dilation, self.groups, relu=False)
+                                 self.dilation, self.groups, relu=self.fused_relu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
@@ -86,8 +97,23 @@ class _FoldedBlock(nn.Module):
     previous folded block (``input_is_scratch``). A block called directly never writes its input.
     """
 
+    # bias and ReLU of the convs (benchmarking's limit twin turns both off)
+    _use_bias = True
+    _use_relu = True
+    _MAX_PLANS = 4
+
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(x, input_is_scratch=False)
+
+    def _forward(self, x: Tensor, input_is_scratch: bool) -> Tensor:
+        ds = None if self.downsample is None else _lone_conv(self.downsample)
+        if (self.downsample is None or ds is not None) and ops.onednn_inference_path(x, self.conv1.weight):
+            return self._onednn_forward(x, input_is_scratch, ds)
+        out = x
+        for conv in self._inner_convs():
+            out = self._conv(conv, out)
+        residual, scratch = self._residual(x, input_is_scratch)
+        return self._conv(self._last_conv(), out, residual, residual_is_scratch=scratch)
 
     def _residual(self, x: Tensor, input_is_scratch: bool) -> Tuple[Tensor, bool]:
         """The identity branch and whether it is scratch (a buffer nobody else reads)."""
@@ -95,16 +121,80 @@ class _FoldedBlock(nn.Module):
             return x, input_is_scratch
         conv = _lone_conv(self.downsample)
         if conv is not None:  # the folded (conv, BN) branch: conv + bias through ops (Triton there)
-            return ops.conv_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                     conv.groups, relu=False), True
+            return self._conv(conv, x, relu=False), True
         return self.downsample(x), False   # a module of the user's: its output may be aliased
 
-    @staticmethod
-    def _conv(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None,
+    def _conv(self, conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor] = None, relu: bool = True,
               residual_is_scratch: bool = False) -> Tensor:
-        return ops.conv_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups, residual=residual, relu=True,
-                                 residual_is_scratch=residual_is_scratch)
+        return ops.conv_bias_act(x, conv.weight, conv.bias if self._use_bias else None, conv.stride,
+                                 conv.padding, conv.dilation, conv.groups, residual=residual,
+                                 relu=relu and self._use_relu, residual_is_scratch=residual_is_scratch)
+
+    # --- the oneDNN path: one check per block, then the oneDNN calls themselves ------------------
+    # ops.conv_bias_act's per-call dispatch (backend, eligibility, the packed-weight cache) was 5% of
+    # a folded ResNet-50 forward at batch 1 (53 convs of about 0.6 ms). Here the block checks once
+    # (ops.onednn_inference_path) and keeps, per input shape and weight version, its convs' packed
+    # weights and arguments: a plan. Plans hold opaque oneDNN tensors, which cannot be pickled or
+    # deep-copied: they are not module state (__getstate__ drops them) and are rebuilt on first use.
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_onednn_plans", None)
+        return state
+
+    def _onednn_forward(self, x: Tensor, input_is_scratch: bool, ds: Optional[nn.Conv2d]) -> Tensor:
+        inner, last = self._inner_convs(), self._last_conv()
+        convs = inner + (last,) + ((ds,) if ds is not None else ())
+        key = (x.shape, *[(c.weight._version, c.weight.data_ptr()) for c in convs])
+        plans = self.__dict__.setdefault("_onednn_plans", {})
+        plan = plans.get(key)
+        if plan is None:
+            if len(plans) >= self._MAX_PLANS:
+                plans.clear()
+            plan = plans[key] = _onednn_plan(x.shape, inner, last, ds)
+        act = "relu" if self._use_relu else None
+        use_bias = self._use_bias
+        out = x
+        for conv, (packed, pad, strd, dil) in zip(inner, plan):
+            out = ops.ONEDNN_POINTWISE(out, packed, conv.bias if use_bias else None, pad, strd, dil, conv.groups,
+                                       act or "none", [], None)
+        if ds is not None:
+            packed, pad, strd, dil = plan[-1]
+            residual = ops.ONEDNN_POINTWISE(x, packed, ds.bias if use_bias else None, pad, strd, dil, ds.groups,
+                                            "none", [], None)
+            scratch = True
+        else:
+            residual, scratch = x, input_is_scratch
+        # the residual in the layout of the block-end conv's output, i.e. of its input
+        fmt = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) \
+            and not out.is_contiguous() else torch.contiguous_format
+        if not residual.is_contiguous(memory_format=fmt):
+            residual, scratch = residual.contiguous(memory_format=fmt), True
+        packed, pad, strd, dil = plan[len(inner)]
+        bias = last.bias if use_bias else None
+        if scratch:  # accumulate into the dead residual (ops.conv_bias_act's residual_is_scratch)
+            return ops.ONEDNN_POINTWISE_INPLACE(residual, out, packed, bias, pad, strd, dil, last.groups,
+                                                "add", None, act, [], None)
+        return ops.ONEDNN_POINTWISE_BINARY(out, residual, packed, bias, pad, strd, dil, last.groups,
+                                           "add", None, act, [], None)
+
+
+def _conv_out_shape(conv: nn.Conv2d, shape) -> Tuple[int, ...]:
+    hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+          zip(shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)]
+    return (shape[0], conv.out_channels, *hw)
+
+
+def _onednn_plan(x_shape, inner, last: nn.Conv2d, ds: Optional[nn.Conv2d]) -> list:
+    """A folded block's oneDNN arguments per conv (inner convs, the last conv, then the downsample
+    conv): (packed weight, padding, stride, dilation) for the input shape each conv sees."""
+    plan, shape = [], tuple(x_shape)
+    for conv in inner + (last,):
+        plan.append(ops.prepared_conv(conv.weight, shape, conv.stride, conv.padding, conv.dilation, conv.groups))
+        shape = _conv_out_shape(conv, shape)
+    if ds is not None:
+        plan.append(ops.prepared_conv(ds.weight, tuple(x_shape), ds.stride, ds.padding, ds.dilation, ds.groups))
+    return plan
 
 
 class FoldedBasicBlock(_FoldedBlock):
@@ -117,10 +207,11 @@ class FoldedBasicBlock(_FoldedBlock):
         self.downsample = _fold_downsample(block.downsample)
         self.stride = block.stride
 
-    def _forward(self, x: Tensor, input_is_scratch: bool) -> Tensor:
-        out = self._conv(self.conv1, x)
-        residual, scratch = self._residual(x, input_is_scratch)
-        return self._conv(self.conv2, out, residual, scratch)
+    def _inner_convs(self) -> Tuple[nn.Conv2d, ...]:
+        return (self.conv1,)
+
+    def _last_conv(self) -> nn.Conv2d:
+        return self.conv2
 
 
 class FoldedBottleneck(_FoldedBlock):
@@ -134,11 +225,11 @@ class FoldedBottleneck(_FoldedBlock):
         self.downsample = _fold_downsample(block.downsample)
         self.stride = block.stride
 
-    def _forward(self, x: Tensor, input_is_scratch: bool) -> Tensor:
-        out = self._conv(self.conv1, x)
-        out = self._conv(self.conv2, out)
-        residual, scratch = self._residual(x, input_is_scratch)
-        return self._conv(self.conv3, out, residual, scratch)
+    def _inner_convs(self) -> Tuple[nn.Conv2d, ...]:
+        return (self.conv1, self.conv2)
+
+    def _last_conv(self) -> nn.Conv2d:
+        return self.conv3
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -243,9 +334,10 @@ class _LeafBlockTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _traced_conv_bn_pairs(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
-    """(conv, bn) module names where the BN's only input is the conv's output and that output has
-    no other user, each module called once; None when the model cannot be traced."""
+def _traced_conv_bn_pairs(model: nn.Module) -> Optional[List[Tuple[str, str, Optional[str]]]]:
+    """(conv, bn, relu) module names where the BN's only input is the conv's output and that output
+    has no other user, each module called once; ``relu``: an ``nn.ReLU`` module that is the only user
+    of the BN's output and is called nowhere else (else None). None when the model cannot be traced."""
     try:
         graph = _LeafBlockTracer().trace(model)
     except Exception:
@@ -260,7 +352,12 @@ def _traced_conv_bn_pairs(model: nn.Module) -> Optional[List[Tuple[str, str]]]:
         if (isinstance(src, torch.fx.Node) and src.op == "call_module"
                 and type(modules.get(src.target)) is nn.Conv2d and len(src.users) == 1
                 and calls[src.target] == 1 and calls[node.target] == 1):
-            pairs.append((src.target, node.target))
+            users = list(node.users)
+            relu = users[0] if len(users) == 1 else None
+            if not (relu is not None and relu.op == "call_module" and type(modules.get(relu.target)) is nn.ReLU
+                    and calls[relu.target] == 1 and relu.args == (node,) and not relu.kwargs):
+                relu = None
+            pairs.append((src.target, node.target, relu.target if relu is not None else None))
     return pairs
 
 
@@ -288,9 +385,14 @@ def fold_bn(model: nn.Module) -> nn.Module:
         _fold_sequentials(folded)
         return folded
     # Fold in the module tree itself (not in an fx GraphModule), so the model keeps its class and
-    # structure: the conv is replaced by its folded copy, the BN by an Identity.
-    for conv_name, bn_name in pairs:
+    # structure: the conv is replaced by its folded copy, the BN by an Identity (and a ReLU that
+    # only the BN feeds, by an Identity too, when the folded conv runs it as its post-op).
+    for conv_name, bn_name, relu_name in pairs:
         conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
-        _replace_submodule(folded, conv_name, fold_conv_bn(conv, bn))
+        new_conv = fold_conv_bn(conv, bn)
+        _replace_submodule(folded, conv_name, new_conv)
         _replace_submodule(folded, bn_name, nn.Identity())
+        if relu_name is not None and type(new_conv) is FoldedConv2d:
+            new_conv.fused_relu = True
+            _replace_submodule(folded, relu_name, nn.Identity())
     return folded

@@ -331,34 +331,56 @@ def _packed_cache_of(weight: Tensor) -> dict:
     return entry[1]
 
 
-def _packed_weight(weight: Tensor, input: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+def prepared_conv(weight: Tensor, input_shape, stride, padding, dilation, groups: int) -> tuple:
+    """(packed weight, padding, stride, dilation) as the oneDNN ops take them, cached per weight for
+    an input shape, the weight's version and storage (an in-place update repacks)."""
+    input_shape = tuple(input_shape)
     per_weight = _packed_cache_of(weight)
-    key = (tuple(input.shape), weight._version, weight.data_ptr())
-    packed = per_weight.get(key)
-    if packed is None:
+    key = (input_shape, weight._version, weight.data_ptr())
+    prepared = per_weight.get(key)
+    if prepared is None:
         if len(per_weight) >= _MAX_PACKED_SHAPES:
             per_weight.clear()
         packed = torch.ops.mkldnn._reorder_convolution_weight(
-            weight.detach(), list(padding), list(stride), list(dilation), groups, list(input.shape))
-        per_weight[key] = packed
-    return packed
+            weight.detach(), list(padding), list(stride), list(dilation), groups, list(input_shape))
+        prepared = per_weight[key] = (packed, list(padding), list(stride), list(dilation))
+    return prepared
+
+
+def _packed_weight(weight: Tensor, input: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    return prepared_conv(weight, input.shape, stride, padding, dilation, groups)[0]
+
+
+# The oneDNN ops (private ATen ops, pinned by tests/test_fold.py), resolved once.
+ONEDNN_POINTWISE = torch.ops.mkldnn._convolution_pointwise.default
+ONEDNN_POINTWISE_BINARY = torch.ops.mkldnn._convolution_pointwise.binary
+ONEDNN_POINTWISE_INPLACE = torch.ops.mkldnn._convolution_pointwise_.binary
 
 
 def _mkldnn_conv_bias_act(input, weight, bias, stride, padding, dilation, groups, residual, relu,
                           residual_is_scratch=False):
-    packed = _packed_weight(weight, input, stride, padding, dilation, groups)
-    args = (list(padding), list(stride), list(dilation), groups)
+    packed, pad, strd, dil = prepared_conv(weight, input.shape, stride, padding, dilation, groups)
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(input, packed, bias, *args,
-                                                       "relu" if relu else "none", [], None)
+        return ONEDNN_POINTWISE(input, packed, bias, pad, strd, dil, groups, "relu" if relu else "none", [], None)
     out_format = torch.channels_last if input.is_contiguous(memory_format=torch.channels_last) \
         and not input.is_contiguous() else torch.contiguous_format
     residual = residual.contiguous(memory_format=out_format)
     if residual_is_scratch:  # accumulate into the caller's dead buffer (or the copy just made)
-        return torch.ops.mkldnn._convolution_pointwise_(residual, input, packed, bias, *args, "add",
-                                                        None, "relu" if relu else None, [], None)
-    return torch.ops.mkldnn._convolution_pointwise.binary(input, residual, packed, bias, *args, "add",
-                                                          None, "relu" if relu else None, [], None)
+        return ONEDNN_POINTWISE_INPLACE(residual, input, packed, bias, pad, strd, dil, groups, "add", None,
+                                  "relu" if relu else None, [], None)
+    return ONEDNN_POINTWISE_BINARY(input, residual, packed, bias, pad, strd, dil, groups, "add", None,
+                             "relu" if relu else None, [], None)
+
+
+def onednn_inference_path(input: Tensor, weight: Tensor) -> bool:
+    """True when :func:`conv_bias_act` would take the oneDNN path for ``input`` and weights like
+    ``weight``: a folded block checks this once, then calls the oneDNN ops for each of its convs
+    itself (their inputs are the block's own fresh conv outputs, on the same device and dtype,
+    without autograd), which skips the per-call dispatch of :func:`conv_bias_act`."""
+    if backends.get_backend() in ("auto", "triton") and \
+            backends.backend_for(input.device, input.dtype) == "triton":
+        return False
+    return _mkldnn_eligible(input, weight, None)
 
 
 # --------------------------------------------------------------------------------------------

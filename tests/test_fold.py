@@ -251,7 +251,8 @@ def test_fold_stem_and_downsample_take_the_prepacked_path():
         assert ops._mkldnn_eligible(x, stem.weight, None)
         out = stem(x)
         assert id(stem.weight) in ops._PACKED_WEIGHTS
-        assert rel_err(out, torch.nn.functional.conv2d(x, stem.weight, stem.bias, 2, 3)) <= 1e-5
+        assert stem.fused_relu  # the stem's ReLU is the conv's post-op
+        assert rel_err(out, torch.relu(torch.nn.functional.conv2d(x, stem.weight, stem.bias, 2, 3))) <= 1e-5
         assert rel_err(folded(x), model(x)) <= 1e-5
     x.requires_grad_(True)
     stem(x).sum().backward()  # the public path under autograd
@@ -291,13 +292,21 @@ def test_block_ends_accumulate_into_dead_residuals(name, in_place, out_of_place)
         assert rel_err(out, model(x)) <= 1e-5
 
 
-def test_a_block_called_directly_never_writes_its_input():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_block_called_directly_never_writes_its_input(channels_last):
+    """Its input stays intact; in channels_last (the layout of the convs' outputs) no in-place
+    accumulation runs at all, in NCHW the residual is first copied to that layout (the copy is the
+    block's own and may be accumulated into)."""
     folded = resnet_fused.fold_bn(_randomize_norms(torchvision.models.resnet50()).eval())
     t = torch.randn(2, 256, 16, 16)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
     t_before = t.clone()
     with torch.no_grad(), _OpCount() as count:
         folded.layer1[1](t)
-    assert count.counts.get(INPLACE, 0) == 0 and torch.equal(t, t_before)
+    assert torch.equal(t, t_before)
+    if channels_last:
+        assert count.counts.get(INPLACE, 0) == 0
 
 
 def test_hooks_and_feature_extraction_see_intact_tensors():
@@ -319,3 +328,82 @@ def test_hooks_and_feature_extraction_see_intact_tensors():
         r, g = ref(x), got(x)
     for k in r:
         assert rel_err(g[k], r[k]) <= 1e-5, k
+
+
+def test_block_level_onednn_path_matches_per_conv_dispatch(monkeypatch):
+    """A folded block checks the oneDNN path once (ops.onednn_inference_path) and then calls the
+    oneDNN ops directly; the per-conv dispatch of ops.conv_bias_act gives the very same result."""
+    model = _randomize_norms(torchvision.models.resnet50()).eval()
+    folded = resnet_fused.fold_bn(model)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = ops.onednn_inference_path
+    monkeypatch.setattr(ops, "onednn_inference_path", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = folded(x)
+        assert len(calls) == 16 and real(x, folded.layer1[0].conv1.weight)
+        monkeypatch.setattr(ops, "onednn_inference_path", lambda *a: False)
+        dispatched = folded(x)
+    assert torch.equal(fast, dispatched)
+    with torch.no_grad():
+        assert rel_err(fast, model(x)) <= 1e-5
+
+
+def test_block_with_a_users_downsample_module():
+    """A downsample branch that is not (conv, BN) stays the user's module; the block-end conv then
+    takes conv_bias_act's checked path with its output as the residual."""
+    ds = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32))
+    block = torchvision.models.resnet.Bottleneck(16, 8, stride=2, downsample=ds)
+    _randomize_norms(block).eval()
+    folded = FoldedBottleneck(block)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert rel_err(folded(x), block(x)) <= 1e-5
+    assert isinstance(folded.downsample[0], nn.AvgPool2d)
+
+
+def test_block_plans_follow_weight_updates_and_input_shapes():
+    """The oneDNN plans of a folded block (packed weights per input shape and weight version) are
+    rebuilt when the weights change in place (load_state_dict) or the input shape changes."""
+    model = _randomize_norms(torchvision.models.resnet18()).eval()
+    folded = resnet_fused.fold_bn(model)
+    other = resnet_fused.fold_bn(_randomize_norms(torchvision.models.resnet18()).eval())
+    x, x_big = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 80, 72)
+    with torch.no_grad():
+        folded(x)
+        folded(x_big)
+        folded.load_state_dict(other.state_dict())
+        assert torch.equal(folded(x), other(x)) and torch.equal(folded(x_big), other(x_big))
+
+
+def test_stem_relu_becomes_the_folded_convs_post_op():
+    """A ReLU module fed only by a folded BN and called once (the ResNet stem's) runs as the folded
+    conv's post-op; a ReLU module called twice, or ReLU6, stays a separate op."""
+    model = _randomize_norms(torchvision.models.resnet18()).eval()
+    folded = resnet_fused.fold_bn(model)
+    assert folded.conv1.fused_relu and type(folded.relu) is nn.Identity and type(folded.bn1) is nn.Identity
+    assert "fused_relu=True" in repr(folded.conv1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)) <= 1e-5
+        with resnet_fused.ops.use_onednn_prepacked(False):   # the public path applies it too
+            assert rel_err(folded(x), model(x)) <= 1e-5
+
+    class SharedReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_a, self.bn_a = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.conv_b, self.bn_b = nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn_b(self.conv_b(self.relu(self.bn_a(self.conv_a(x))))))
+
+    shared = _randomize_norms(SharedReLU()).eval()
+    folded_shared = resnet_fused.fold_bn(shared)
+    assert type(folded_shared.relu) is nn.ReLU and not folded_shared.conv_a.fused_relu
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert rel_err(folded_shared(x), shared(x)) <= 1e-5
+    mobilenet = resnet_fused.fold_bn(_randomize_norms(torchvision.models.mobilenet_v2()).eval())
+    assert not any(getattr(m, "fused_relu", False) for m in mobilenet.modules())
