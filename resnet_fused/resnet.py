@@ -16,15 +16,40 @@ with torchvision's ``ResNet`` constructor arguments.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional, Tuple
+
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torchvision.models.resnet import ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import sync_bn, triton_units, units
 from .blocks import _conv_out_hw, _has_hooks, _is_plain_conv
 
 __all__ = ["FusedResNet"]
+
+
+def _pool_out_hw(pool: nn.Module, h: int, w: int) -> Optional[Tuple[int, int]]:
+    """Output size of the stem's max-pool (``nn.MaxPool2d``, or ``nn.Identity``); None for any
+    other module, whose output size is not predicted."""
+    if type(pool) is nn.Identity:
+        return h, w
+    if not isinstance(pool, nn.MaxPool2d):
+        return None
+
+    def pair(v):
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    out = []
+    for size, k, s, p, d in zip((h, w), pair(pool.kernel_size), pair(pool.stride or pool.kernel_size),
+                                pair(pool.padding), pair(pool.dilation)):
+        num = size + 2 * p - d * (k - 1) - 1
+        o = (math.ceil(num / s) if pool.ceil_mode else num // s) + 1
+        if pool.ceil_mode and (o - 1) * s >= size + p:
+            o -= 1
+        out.append(o)
+    return out[0], out[1]
 
 
 class FusedResNet(ResNet):
@@ -67,6 +92,37 @@ class FusedResNet(ResNet):
         if units.uses_batch_stats(self.bn1) and n * h * w == 1 and world == 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {torch.Size([n, conv.out_channels, h, w])}")
+        pooled = _pool_out_hw(self.maxpool, h, w)
+        if pooled is not None:
+            self._validate_blocks(n, *pooled)
+
+    def _validate_blocks(self, n: int, h: int, w: int) -> None:
+        """The blocks' BatchNorms get more than one value per channel in training, checked before
+        the stem runs, so that no running statistics change in a call that would fail in a later
+        block (torchvision itself updates the earlier layers' statistics, then fails). Follows
+        torchvision's block structure; stops at anything else (a module of the user's)."""
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if not isinstance(layer, nn.Sequential):
+                return
+            for block in layer:
+                convs = [getattr(block, c, None) for c in ("conv1", "conv2", "conv3")]
+                norms = [getattr(block, b, None) for b in ("bn1", "bn2", "bn3")]
+                if not isinstance(block, (BasicBlock, Bottleneck)):
+                    return
+                for conv, norm in zip(convs, norms):
+                    if conv is None:
+                        break
+                    if not isinstance(conv, nn.Conv2d):
+                        return
+                    h, w = _conv_out_hw(conv, h, w)
+                    if h <= 0 or w <= 0:
+                        raise ValueError(f"{type(self).__name__}: input too small: {conv} in a block "
+                                         f"would get an output of spatial size {(h, w)}")
+                    if (units.uses_batch_stats(norm) and n * h * w == 1
+                            and sync_bn.sync_world_size(norm) == 1):
+                        raise ValueError("Expected more than 1 value per channel when training, got input "
+                                         f"size {torch.Size([n, conv.out_channels, h, w])} (raised before any "
+                                         "layer ran, so no running statistics changed)")
 
     def _fused_stem(self, x: Tensor) -> Tensor:
         if triton_units.stem_applies(self, x):  # statistics from the Triton conv's epilogue

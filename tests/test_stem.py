@@ -493,3 +493,14 @@ def test_fold_bn_folds_the_fused_stem(resnet18):
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
         assert rel_err(folded(x), fused(x)) <= 1e-5
+
+
+def test_too_small_input_fails_before_any_running_statistics_change():
+    """An input whose layer4 BatchNorm would see one value per channel in training is refused by
+    FusedResNet before the stem runs: no running statistics (stem's or blocks') change."""
+    model = resnet_fused.models.resnet18().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\[1, 512, 1, 1\]"):
+        model(torch.randn(1, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model(torch.randn(2, 3, 32, 32))  # two values per channel at layer4: fine
