@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import ops
@@ -383,7 +383,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
     pairs = _traced_conv_bn_pairs(folded)
     if pairs is None:
         _fold_sequentials(folded)
-        return folded
+        return _flat_resnet(folded)
     # Fold in the module tree itself (not in an fx GraphModule), so the model keeps its class and
     # structure: the conv is replaced by its folded copy, the BN by an Identity (and a ReLU that
     # only the BN feeds, by an Identity too, when the folded conv runs it as its post-op).
@@ -395,4 +395,15 @@ def fold_bn(model: nn.Module) -> nn.Module:
         if relu_name is not None and type(new_conv) is FoldedConv2d:
             new_conv.fused_relu = True
             _replace_submodule(folded, relu_name, nn.Identity())
+    return _flat_resnet(folded)
+
+
+def _flat_resnet(folded: nn.Module) -> nn.Module:
+    """A folded torchvision ResNet (or FusedResNet) becomes a FoldedResNet: same modules and state,
+    plus the flat-plan forward in CPU inference (resnet_fused/folded_resnet.py)."""
+    from .folded_resnet import FoldedResNet
+    from .resnet import FusedResNet
+
+    if type(folded) in (ResNet, FusedResNet):
+        folded.__class__ = FoldedResNet
     return folded

@@ -236,10 +236,9 @@ def test_limit_of_a_folded_model_stays_on_the_folded_path():
 def test_public_path_runs_the_folded_model_without_prepacked_weights(monkeypatch):
     model = _eval_resnet18()
     folded = resnet_fused.fold_bn(model)
-    seen = []
-    real = resnet_fused.ops._mkldnn_conv_bias_act
-    monkeypatch.setattr(resnet_fused.ops, "_mkldnn_conv_bias_act",
-                        lambda *a, **k: seen.append(1) or real(*a, **k))
+    seen = []   # packing a weight for the oneDNN ops: only the pre-packed path does
+    real = resnet_fused.ops.prepared_conv
+    monkeypatch.setattr(resnet_fused.ops, "prepared_conv", lambda *a, **k: seen.append(1) or real(*a, **k))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         public = bm.PublicPath(folded)(x)

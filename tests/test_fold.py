@@ -277,17 +277,24 @@ INPLACE, BINARY = "mkldnn._convolution_pointwise_.binary", "mkldnn._convolution_
 
 @pytest.mark.parametrize("name,in_place,out_of_place", [("resnet50", 16, 0), ("resnet18", 7, 1)])
 def test_block_ends_accumulate_into_dead_residuals(name, in_place, out_of_place):
-    """Every block end accumulates in place except where its residual may be read by someone else:
-    resnet18's first block takes the max-pool's output (a stage's input) as its identity."""
+    """On the module path (here forced by a hook on ``fc``) every block end accumulates in place
+    except where its residual may be read by someone else: resnet18's first block takes the
+    max-pool's output (a stage's input) as its identity. The flat plan of FoldedResNet, which no
+    hook can look into, accumulates every block end in place."""
     model = _randomize_norms(getattr(torchvision.models, name)()).eval()
     folded = resnet_fused.fold_bn(model)
     assert type(folded.layer1) is resnet_fused.fold.FoldedSequential
     x = torch.randn(2, 3, 64, 64)
     x_before = x.clone()
     with torch.no_grad(), _OpCount() as count:
+        flat = folded(x)
+    assert count.counts.get(INPLACE, 0) == in_place + out_of_place and count.counts.get(BINARY, 0) == 0
+    handle = folded.fc.register_forward_hook(lambda *a: None)
+    with torch.no_grad(), _OpCount() as count:
         out = folded(x)
+    handle.remove()
     assert count.counts.get(INPLACE, 0) == in_place and count.counts.get(BINARY, 0) == out_of_place
-    assert torch.equal(x, x_before)
+    assert torch.equal(x, x_before) and torch.equal(flat, out)
     with torch.no_grad():
         assert rel_err(out, model(x)) <= 1e-5
 
@@ -332,21 +339,55 @@ def test_hooks_and_feature_extraction_see_intact_tensors():
 
 def test_block_level_onednn_path_matches_per_conv_dispatch(monkeypatch):
     """A folded block checks the oneDNN path once (ops.onednn_inference_path) and then calls the
-    oneDNN ops directly; the per-conv dispatch of ops.conv_bias_act gives the very same result."""
+    oneDNN ops directly; the per-conv dispatch of ops.conv_bias_act and FoldedResNet's flat plan
+    give the very same result."""
     model = _randomize_norms(torchvision.models.resnet50()).eval()
     folded = resnet_fused.fold_bn(model)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        flat = folded(x)
+    assert "_flat_plans" in folded.__dict__
     calls = []
     real = ops.onednn_inference_path
+    handle = folded.fc.register_forward_hook(lambda *a: None)   # the module path
     monkeypatch.setattr(ops, "onednn_inference_path", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        fast = folded(x)
-        assert len(calls) == 16 and real(x, folded.layer1[0].conv1.weight)
+        blocks = folded(x)
+        assert len(calls) == 1 + 16 and real(x, folded.layer1[0].conv1.weight)  # the model, then each block
         monkeypatch.setattr(ops, "onednn_inference_path", lambda *a: False)
         dispatched = folded(x)
-    assert torch.equal(fast, dispatched)
+    handle.remove()
+    assert torch.equal(blocks, dispatched) and torch.equal(flat, blocks)
     with torch.no_grad():
-        assert rel_err(fast, model(x)) <= 1e-5
+        assert rel_err(flat, model(x)) <= 1e-5
+
+
+def test_flat_plan_only_in_inference_without_hooks_and_not_as_state():
+    """FoldedResNet's flat plan: not under autograd, not with hooks, rebuilt after load_state_dict,
+    never pickled or deep-copied (opaque oneDNN tensors), same results as the module path."""
+    import pickle
+
+    from resnet_fused.folded_resnet import FoldedResNet
+
+    model = _randomize_norms(torchvision.models.resnet18()).eval()
+    folded = resnet_fused.fold_bn(model)
+    assert type(folded) is FoldedResNet
+    x = torch.randn(2, 3, 48, 48)
+    out_grad = folded(x)                       # autograd on: the module path, no plan
+    assert "_flat_plans" not in folded.__dict__
+    with torch.no_grad():
+        out = folded(x)
+        assert len(folded.__dict__["_flat_plans"]) == 1 and torch.equal(out, out_grad.detach())
+        copied, unpickled = copy.deepcopy(folded), pickle.loads(pickle.dumps(folded))
+        assert "_flat_plans" not in copied.__dict__ and "_flat_plans" not in unpickled.__dict__
+        assert torch.equal(copied(x), out) and torch.equal(unpickled(x), out)
+        other = resnet_fused.fold_bn(_randomize_norms(torchvision.models.resnet18()).eval())
+        folded.load_state_dict(other.state_dict())
+        assert torch.equal(folded(x), other(x))
+        seen = []
+        folded.layer2[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert torch.equal(folded(x), other(x)) and seen   # the hook ran: module path
+    assert rel_err(out, model(x)) <= 1e-5
 
 
 def test_block_with_a_users_downsample_module():

@@ -487,8 +487,10 @@ def test_fold_bn_folds_the_fused_stem(resnet18):
     _, fused = _pair(resnet18)
     fused.eval()
     folded = resnet_fused.fold_bn(fused)
-    assert type(folded) is FusedResNet and type(folded.conv1) is FoldedConv2d
-    assert type(folded.bn1) is nn.Identity and not folded.fused_supported()
+    from resnet_fused.folded_resnet import FoldedResNet
+
+    assert type(folded) is FoldedResNet and type(folded.conv1) is FoldedConv2d
+    assert type(folded.bn1) is nn.Identity and folded.conv1.fused_relu
     assert type(fused.bn1) is nn.BatchNorm2d  # the input model is untouched
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
