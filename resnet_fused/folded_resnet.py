@@ -49,30 +49,59 @@ class FoldedResNet(ResNet):
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state.pop("_flat_plans", None)
+        state.pop("_flat_cache", None)
         return state
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        if isinstance(x, Tensor) and not torch.is_grad_enabled() and self._flat_plan_applies(x):
-            structure = self._flat_structure()
-            if structure is not None:
-                return self._run_flat(x, structure)
+        if isinstance(x, Tensor) and not torch.is_grad_enabled():
+            program = self._flat_program(x)
+            if program is not None:
+                return self._run_flat(x, *program)
         return super()._forward_impl(x)
 
     # --- when -------------------------------------------------------------------------------
-    def _flat_plan_applies(self, x: Tensor) -> bool:
+    # Checked on every call, cheaply (tens of microseconds for ResNet-50): the structure is cached
+    # with the ids of the module tree it was read from, and with the hook dicts of every module.
+    def _flat_program(self, x: Tensor):
         from torch.nn.modules import module as _module
 
-        from .fold import FoldedConv2d, _hooked
+        from .fold import FoldedConv2d
 
         if torch.compiler.is_compiling() or x.dim() != 4:
-            return False
+            return None
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-            return False
-        if type(self.conv1) is not FoldedConv2d or not self.conv1.fused_relu:
-            return False
-        if not ops.onednn_inference_path(x, self.conv1.weight):
-            return False
-        return not any(_hooked(m) for m in self.modules())
+            return None
+        conv1 = self._modules["conv1"]
+        if type(conv1) is not FoldedConv2d or not conv1.fused_relu:
+            return None
+        if not ops.onednn_inference_path(x, conv1.weight):
+            return None
+        tree = self._tree_ids()
+        cached = self.__dict__.get("_flat_cache")
+        if cached is None or cached[0] != tree:
+            structure = self._flat_structure()
+            modules = tuple(self.modules()) if structure is not None else ()
+            hook_dicts = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks,
+                                                           m._backward_hooks, m._backward_pre_hooks))
+            cached = self.__dict__["_flat_cache"] = (tree, structure, hook_dicts)
+        _, structure, hook_dicts = cached
+        if structure is None or any(hook_dicts):
+            return None
+        return structure, self._plan_for(x, structure)
+
+    def _tree_ids(self) -> Tuple[int, ...]:
+        """Ids of the modules the flat structure is read from (top level, stages, blocks, their
+        children, downsample branches): a change anywhere there rebuilds the structure."""
+        ids = [id(m) for m in self._modules.values()]
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in self._modules[name]._modules.values():
+                ids.append(id(block))
+                children = block._modules
+                ids.extend(map(id, children.values()))
+                ds = children.get("downsample")
+                if ds is not None:
+                    ids.extend(map(id, ds._modules.values()))
+        return tuple(ids)
 
     def _flat_structure(self) -> Optional[Tuple]:
         """(stem, maxpool, [(inner convs, last conv, downsample conv or None)], avgpool, fc) when
@@ -105,7 +134,8 @@ class FoldedResNet(ResNet):
     def _plan_for(self, x: Tensor, structure) -> Tuple[tuple, List[_BlockPlan]]:
         stem, maxpool, blocks, _, _ = structure
         convs = [stem] + [c for inner, last, ds in blocks for c in inner + (last,) + ((ds,) if ds else ())]
-        key = (x.shape, *[id(c) for c in convs], *[(c.weight._version, c.weight.data_ptr()) for c in convs])
+        weights = [c._parameters["weight"] for c in convs]
+        key = (x.shape, *[(id(w), w._version, w.data_ptr()) for w in weights])
         plans = self.__dict__.setdefault("_flat_plans", {})
         plan = plans.get(key)
         if plan is None:
@@ -140,9 +170,9 @@ class FoldedResNet(ResNet):
             plans.append(_BlockPlan(inner_args, last_args, ds_args))
         return stem_args, plans
 
-    def _run_flat(self, x: Tensor, structure) -> Tensor:
+    def _run_flat(self, x: Tensor, structure, plan) -> Tensor:
         stem, maxpool, blocks, avgpool, fc = structure
-        stem_args, block_plans = self._plan_for(x, structure)
+        stem_args, block_plans = plan
         pointwise, inplace = ops.ONEDNN_POINTWISE, ops.ONEDNN_POINTWISE_INPLACE
         packed, pad, strd, dil, groups = stem_args
         out = pointwise(x, packed, stem.bias, pad, strd, dil, groups, "relu", [], None)

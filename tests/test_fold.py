@@ -384,9 +384,13 @@ def test_flat_plan_only_in_inference_without_hooks_and_not_as_state():
         other = resnet_fused.fold_bn(_randomize_norms(torchvision.models.resnet18()).eval())
         folded.load_state_dict(other.state_dict())
         assert torch.equal(folded(x), other(x))
+        folded.layer4[1] = copy.deepcopy(model_b := resnet_fused.fold_bn(
+            _randomize_norms(torchvision.models.resnet18()).eval())).layer4[1]   # a new module tree
+        expected = torchvision.models.resnet.ResNet._forward_impl(folded, x)   # the module path
+        assert torch.equal(folded(x), expected) and not torch.equal(expected, other(x))
         seen = []
         folded.layer2[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
-        assert torch.equal(folded(x), other(x)) and seen   # the hook ran: module path
+        assert torch.equal(folded(x), expected) and seen   # the hook ran: module path
     assert rel_err(out, model(x)) <= 1e-5
 
 
