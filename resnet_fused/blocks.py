@@ -37,6 +37,28 @@ def _conv_out_hw(conv: nn.Conv2d, h: int, w: int) -> Tuple[int, int]:
     return out[0], out[1]
 
 
+def check_input(name: str, x: Tensor, conv1: nn.Conv2d, owner: str) -> None:
+    """The input checks of a fused module (``name``: its class, ``owner``: "block" or "model"),
+    made before any kernel runs: a 4-D floating tensor with ``conv1``'s input channels, on the
+    device and in the dtype of its parameters (another dtype only under autocast)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != conv1.in_channels:
+        raise ValueError(f"{name}: expected {conv1.in_channels} input channels, got "
+                         f"{x.shape[1]} (input shape {tuple(x.shape)})")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
+    weight = conv1.weight
+    if x.device != weight.device:
+        raise ValueError(f"{name}: input is on {x.device} but the {owner}'s parameters are on "
+                         f"{weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name}: input dtype {x.dtype} does not match the {owner}'s parameter "
+                        f"dtype {weight.dtype} (convert one of them, or run under torch.autocast)")
+
+
 class _FusedBlockMixin:
     """Shared by both blocks: configuration check, input validation, the block-end unit."""
 
@@ -67,23 +89,7 @@ class _FusedBlockMixin:
     def _validate(self, x: Tensor) -> None:
         """Errors that name the problem, raised before any kernel runs or state changes."""
         name = type(self).__name__
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
-        conv1 = self.conv1
-        if x.shape[1] != conv1.in_channels:
-            raise ValueError(f"{name}: expected {conv1.in_channels} input channels, got "
-                             f"{x.shape[1]} (input shape {tuple(x.shape)})")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
-        weight = conv1.weight
-        if x.device != weight.device:
-            raise ValueError(f"{name}: input is on {x.device} but the block's parameters are on "
-                             f"{weight.device}")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name}: input dtype {x.dtype} does not match the block's parameter "
-                            f"dtype {weight.dtype} (convert one of them, or run under torch.autocast)")
+        check_input(name, x, self.conv1, "block")
         # BN in training needs more than one value per channel (same error as torch)
         n, h, w = x.shape[0], x.shape[2], x.shape[3]
         pairs, last_norm = self._units()

@@ -152,31 +152,39 @@ class _FoldedBlock(nn.Module):
             if len(plans) >= self._MAX_PLANS:
                 plans.clear()
             plan = plans[key] = _onednn_plan(x.shape, inner, last, ds)
-        act = "relu" if self._use_relu else None
-        use_bias = self._use_bias
-        out = x
-        for conv, (packed, pad, strd, dil) in zip(inner, plan):
-            out = ops.ONEDNN_POINTWISE(out, packed, conv.bias if use_bias else None, pad, strd, dil, conv.groups,
-                                       act or "none", [], None)
-        if ds is not None:
-            packed, pad, strd, dil = plan[-1]
-            residual = ops.ONEDNN_POINTWISE(x, packed, ds.bias if use_bias else None, pad, strd, dil, ds.groups,
-                                            "none", [], None)
-            scratch = True
-        else:
-            residual, scratch = x, input_is_scratch
-        # the residual in the layout of the block-end conv's output, i.e. of its input
-        fmt = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) \
-            and not out.is_contiguous() else torch.contiguous_format
-        if not residual.is_contiguous(memory_format=fmt):
-            residual, scratch = residual.contiguous(memory_format=fmt), True
-        packed, pad, strd, dil = plan[len(inner)]
-        bias = last.bias if use_bias else None
-        if scratch:  # accumulate into the dead residual (ops.conv_bias_act's residual_is_scratch)
-            return ops.ONEDNN_POINTWISE_INPLACE(residual, out, packed, bias, pad, strd, dil, last.groups,
-                                                "add", None, act, [], None)
-        return ops.ONEDNN_POINTWISE_BINARY(out, residual, packed, bias, pad, strd, dil, last.groups,
-                                           "add", None, act, [], None)
+        return run_onednn_block(x, inner, last, ds, plan, input_is_scratch, self._use_bias, self._use_relu)
+
+
+def run_onednn_block(x: Tensor, inner, last: nn.Conv2d, ds: Optional[nn.Conv2d], plan: list,
+                     input_is_scratch: bool, use_bias: bool = True, use_relu: bool = True) -> Tensor:
+    """One folded block on the oneDNN ops, from its plan (:func:`_onednn_plan`): the inner convs
+    (+ReLU), the downsample conv, then the last conv with the residual add and ReLU as post-ops,
+    accumulating into the residual in place when it is scratch (the downsample's fresh output,
+    a copy made here, or ``x`` when ``input_is_scratch``)."""
+    act = "relu" if use_relu else None
+    out = x
+    for conv, (packed, pad, strd, dil) in zip(inner, plan):
+        out = ops.ONEDNN_POINTWISE(out, packed, conv.bias if use_bias else None, pad, strd, dil, conv.groups,
+                                   act or "none", [], None)
+    if ds is not None:
+        packed, pad, strd, dil = plan[-1]
+        residual = ops.ONEDNN_POINTWISE(x, packed, ds.bias if use_bias else None, pad, strd, dil, ds.groups,
+                                        "none", [], None)
+        scratch = True
+    else:
+        residual, scratch = x, input_is_scratch
+    # the residual in the layout of the block-end conv's output, i.e. of its input
+    fmt = torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) \
+        and not out.is_contiguous() else torch.contiguous_format
+    if not residual.is_contiguous(memory_format=fmt):
+        residual, scratch = residual.contiguous(memory_format=fmt), True
+    packed, pad, strd, dil = plan[len(inner)]
+    bias = last.bias if use_bias else None
+    if scratch:  # accumulate into the dead residual (ops.conv_bias_act's residual_is_scratch)
+        return ops.ONEDNN_POINTWISE_INPLACE(residual, out, packed, bias, pad, strd, dil, last.groups,
+                                            "add", None, act, [], None)
+    return ops.ONEDNN_POINTWISE_BINARY(out, residual, packed, bias, pad, strd, dil, last.groups,
+                                       "add", None, act, [], None)
 
 
 def _conv_out_shape(conv: nn.Conv2d, shape) -> Tuple[int, ...]:
@@ -188,13 +196,18 @@ def _conv_out_shape(conv: nn.Conv2d, shape) -> Tuple[int, ...]:
 def _onednn_plan(x_shape, inner, last: nn.Conv2d, ds: Optional[nn.Conv2d]) -> list:
     """A folded block's oneDNN arguments per conv (inner convs, the last conv, then the downsample
     conv): (packed weight, padding, stride, dilation) for the input shape each conv sees."""
+    return _onednn_plan_and_shape(x_shape, inner, last, ds)[0]
+
+
+def _onednn_plan_and_shape(x_shape, inner, last: nn.Conv2d, ds: Optional[nn.Conv2d]) -> Tuple[list, tuple]:
+    """:func:`_onednn_plan` and the block's output shape."""
     plan, shape = [], tuple(x_shape)
     for conv in inner + (last,):
         plan.append(ops.prepared_conv(conv.weight, shape, conv.stride, conv.padding, conv.dilation, conv.groups))
         shape = _conv_out_shape(conv, shape)
     if ds is not None:
         plan.append(ops.prepared_conv(ds.weight, tuple(x_shape), ds.stride, ds.padding, ds.dilation, ds.groups))
-    return plan
+    return plan, shape
 
 
 class FoldedBasicBlock(_FoldedBlock):

@@ -20,7 +20,7 @@ and weight version.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,15 +32,6 @@ from . import ops
 __all__ = ["FoldedResNet"]
 
 _MAX_PLANS = 4
-
-
-class _BlockPlan:
-    """One folded block: per conv (packed weight, bias, padding, stride, dilation, groups)."""
-
-    __slots__ = ("inner", "last", "ds")
-
-    def __init__(self, inner, last, ds):
-        self.inner, self.last, self.ds = inner, last, ds
 
 
 class FoldedResNet(ResNet):
@@ -131,7 +122,7 @@ class FoldedResNet(ResNet):
         return self.conv1, self.maxpool, blocks, self.avgpool, self.fc
 
     # --- the plan ---------------------------------------------------------------------------
-    def _plan_for(self, x: Tensor, structure) -> Tuple[tuple, List[_BlockPlan]]:
+    def _plan_for(self, x: Tensor, structure) -> Tuple[tuple, list]:
         stem, maxpool, blocks, _, _ = structure
         convs = [stem] + [c for inner, last, ds in blocks for c in inner + (last,) + ((ds,) if ds else ())]
         weights = [c._parameters["weight"] for c in convs]
@@ -145,54 +136,30 @@ class FoldedResNet(ResNet):
         return plan
 
     @staticmethod
-    def _build_plan(shape, structure) -> Tuple[tuple, List[_BlockPlan]]:
-        from .fold import _conv_out_shape
+    def _build_plan(shape, structure) -> Tuple[tuple, list]:
+        from .fold import _conv_out_shape, _onednn_plan_and_shape
 
         stem, maxpool, blocks, _, _ = structure
-
-        def prep(conv, in_shape):
-            packed, pad, strd, dil = ops.prepared_conv(conv.weight, in_shape, conv.stride, conv.padding,
-                                                       conv.dilation, conv.groups)
-            return (packed, pad, strd, dil, conv.groups), _conv_out_shape(conv, in_shape)
-
-        stem_args, shape = prep(stem, shape)
+        stem_args = ops.prepared_conv(stem.weight, shape, stem.stride, stem.padding, stem.dilation, stem.groups)
+        shape = _conv_out_shape(stem, shape)
         with torch.no_grad():  # the max-pool's output size, from a meta tensor
             shape = tuple(maxpool(torch.empty(shape, device="meta")).shape)
-        plans = []
+        block_plans = []
         for inner, last, ds in blocks:
-            x_shape, s = shape, shape
-            inner_args = []
-            for conv in inner:
-                args, s = prep(conv, s)
-                inner_args.append(args)
-            last_args, shape = prep(last, s)
-            ds_args = prep(ds, x_shape)[0] if ds is not None else None
-            plans.append(_BlockPlan(inner_args, last_args, ds_args))
-        return stem_args, plans
+            plan, shape = _onednn_plan_and_shape(shape, inner, last, ds)
+            block_plans.append(plan)
+        return stem_args, block_plans
 
     def _run_flat(self, x: Tensor, structure, plan) -> Tensor:
+        from .fold import run_onednn_block
+
         stem, maxpool, blocks, avgpool, fc = structure
-        stem_args, block_plans = plan
-        pointwise, inplace = ops.ONEDNN_POINTWISE, ops.ONEDNN_POINTWISE_INPLACE
-        packed, pad, strd, dil, groups = stem_args
-        out = pointwise(x, packed, stem.bias, pad, strd, dil, groups, "relu", [], None)
+        (packed, pad, strd, dil), block_plans = plan
+        out = ops.ONEDNN_POINTWISE(x, packed, stem.bias, pad, strd, dil, stem.groups, "relu", [], None)
         out = maxpool(out)
-        channels_last = torch.channels_last
-        for (inner, last, ds), plan in zip(blocks, block_plans):
-            y = out
-            for conv, (packed, pad, strd, dil, groups) in zip(inner, plan.inner):
-                y = pointwise(y, packed, conv.bias, pad, strd, dil, groups, "relu", [], None)
-            if ds is not None:
-                packed, pad, strd, dil, groups = plan.ds
-                residual = pointwise(out, packed, ds.bias, pad, strd, dil, groups, "none", [], None)
-            else:
-                residual = out   # read by nobody else: no hook can see it inside the plan
-            fmt = channels_last if y.is_contiguous(memory_format=channels_last) and not y.is_contiguous() \
-                else torch.contiguous_format
-            if not residual.is_contiguous(memory_format=fmt):
-                residual = residual.contiguous(memory_format=fmt)
-            packed, pad, strd, dil, groups = plan.last
-            out = inplace(residual, y, packed, last.bias, pad, strd, dil, groups, "add", None, "relu", [], None)
+        for (inner, last, ds), block_plan in zip(blocks, block_plans):
+            # every block input is scratch: read by nobody else, no hook can see it inside the plan
+            out = run_onednn_block(out, inner, last, ds, block_plan, True)
         out = avgpool(out)
         out = torch.flatten(out, 1)
         return F.linear(out, fc.weight, fc.bias)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from . import sync_bn, triton_units, units
-from .blocks import _conv_out_hw, _has_hooks, _is_plain_conv
+from .blocks import _conv_out_hw, _has_hooks, _is_plain_conv, check_input
 
 __all__ = ["FusedResNet"]
 
@@ -65,23 +65,8 @@ class FusedResNet(ResNet):
     def _validate(self, x: Tensor) -> None:
         """Errors that name the problem, raised before any kernel runs or state changes."""
         name = type(self).__name__
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
         conv = self.conv1
-        if x.shape[1] != conv.in_channels:
-            raise ValueError(f"{name}: expected {conv.in_channels} input channels, got "
-                             f"{x.shape[1]} (input shape {tuple(x.shape)})")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
-        weight = conv.weight
-        if x.device != weight.device:
-            raise ValueError(f"{name}: input is on {x.device} but the model's parameters are on "
-                             f"{weight.device}")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name}: input dtype {x.dtype} does not match the model's parameter "
-                            f"dtype {weight.dtype} (convert one of them, or run under torch.autocast)")
+        check_input(name, x, conv, "model")
         # synchronized BN: group/device errors now; one value per channel is fine across ranks
         # (the global count is checked after the statistics are gathered)
         world = sync_bn.sync_world_size(self.bn1, x.device)

@@ -209,6 +209,29 @@ def compare_buffers(ref: nn.Module, fused: nn.Module, tol: float, what: str = ""
             assert err <= tol, f"{what}{name}: rel_err {err:.3g} > {tol}"
 
 
+class OpLog:
+    """The ops that reach the dispatcher (below autograd) while ``with log.mode:`` is active, as
+    (name, args) in ``calls``."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self.calls = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                log.append((str(func), args))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def names(self):
+        return [f for f, _ in self.calls]
+
+    def count(self, name, pred=lambda args: True):
+        return sum(1 for f, a in self.calls if f == name and pred(a))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` need a GPU: skipped, with the reason, where none is visible."""
     if torch.cuda.is_available():

@@ -21,7 +21,7 @@ import resnet_fused
 from resnet_fused import FusedResNet, sync_bn, units
 from resnet_fused.fold import FoldedConv2d
 
-from conftest import (TOL_BF16_OUT, TOL_F64, TOL_NET_GRAD, TOL_NET_OUT, assert_state_unchanged,
+from conftest import (OpLog, TOL_BF16_OUT, TOL_F64, TOL_NET_GRAD, TOL_NET_OUT, assert_state_unchanged,
                       compare_buffers, compare_grads, cpp_built, randomize_bn, rel_err, state_snapshot)
 
 CL = torch.channels_last
@@ -98,37 +98,23 @@ def test_bn_relu_unit_gradcheck():
     assert torch.autograd.gradcheck(f, (y, weight, bias))
 
 
-class _OpLog:
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        calls = self.calls = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                calls.append(str(func))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-
-
 @pytest.mark.skipif(not cpp_built(), reason="needs the C++ kernels (resnet_fused._C)")
 def test_the_stem_launches_one_apply_forward_and_no_relu_backward():
     """Forward: bn_stats + one bn_apply (BN and ReLU in one pass); backward: the two BN backward
     primitives masking with the saved output, no threshold_backward (ReLU) pass."""
     model = randomize_bn(resnet_fused.swap_blocks(ResNet(BasicBlock, [1, 1, 1, 1]))).train()
     x = torch.randn(2, 3, 16, 16)
-    fwd, bwd = _OpLog(), _OpLog()
+    fwd, bwd = OpLog(), OpLog()
     with resnet_fused.use_backend("cpu"):
         with fwd.mode:
             a = model._fused_stem(x)
         with bwd.mode:
             a.backward(torch.randn_like(a))
-    assert [c for c in fwd.calls if c.startswith("resnet_fused.")] == [
+    assert [c for c in fwd.names() if c.startswith("resnet_fused.")] == [
         "resnet_fused.bn_stats.default", "resnet_fused.bn_apply.default"]
-    assert [c for c in bwd.calls if c.startswith("resnet_fused.")] == [
+    assert [c for c in bwd.names() if c.startswith("resnet_fused.")] == [
         "resnet_fused.bn_backward_reduce.default", "resnet_fused.bn_backward_apply.default"]
-    assert not any("threshold" in c or "relu" in c for c in fwd.calls + bwd.calls)
+    assert not any("threshold" in c or "relu" in c for c in fwd.names() + bwd.names())
     assert model.conv1.weight.grad is not None and model.bn1.weight.grad is not None
 
 

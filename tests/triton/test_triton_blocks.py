@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from conftest import (DEVICE, TOL_GRAD, TOL_OUT, TOL_STATS, block_factory, compare_buffers,
+from conftest import (OpLog, DEVICE, TOL_GRAD, TOL_OUT, TOL_STATS, block_factory, compare_buffers,
                       compare_grads, make_pair, rel_err)
 
 import resnet_fused
@@ -95,25 +95,6 @@ def test_block_parity_on_triton(T, ieee_fp32, config, fmt):
             assert err <= TOL_OUT, f"eval, no_grad: output rel_err {err:.3g}"
 
 
-class _OpLog:
-    """The ops that reach the dispatcher (below autograd), as (name, args), forward and backward apart."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        log = self.calls = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                log.append((str(func), args))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-
-    def count(self, name, pred=lambda args: True):
-        return sum(1 for f, a in self.calls if f == name and pred(a))
-
-
 TRITON_CONV = "resnet_fused_triton.conv2d_bn_stats.default"
 
 
@@ -127,7 +108,7 @@ def test_triton_training_path_op_log(T, config, convs, inner):
     _, fused = make_pair(block_factory(**kwargs), how="swap")
     fused = fused.to(DEVICE).train()
     x = torch.randn(shape, device=DEVICE, requires_grad=True)
-    fwd, bwd = _OpLog(), _OpLog()
+    fwd, bwd = OpLog(), OpLog()
     with resnet_fused.use_backend("triton"):
         with fwd.mode:
             out = fused(x)
@@ -152,7 +133,7 @@ def test_other_backends_keep_their_path(T):
     kwargs, shape = CONFIGS["basic-ds-stride2"]
     _, fused = make_pair(block_factory(**kwargs), how="swap")
     fused = fused.to(DEVICE).train()
-    log = _OpLog()
+    log = OpLog()
     with resnet_fused.use_backend("reference"), log.mode:
         fused(torch.randn(shape, device=DEVICE))
     assert log.count(TRITON_CONV) == 0 and log.count("aten.convolution.default") == 3

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from conftest import (DEVICE, TOL_NET_GRAD, TOL_NET_OUT, compare_buffers, compare_grads, randomize_bn,
+from conftest import (OpLog, DEVICE, TOL_NET_GRAD, TOL_NET_OUT, compare_buffers, compare_grads, randomize_bn,
                       rel_err)
 
 import resnet_fused
@@ -20,25 +20,6 @@ from resnet_fused import FusedResNet, sync_bn, triton_units
 
 CL = torch.channels_last
 TRITON_CONV = "resnet_fused_triton.conv2d_bn_stats.default"
-
-
-class _OpLog:
-    """The ops that reach the dispatcher, as (name, args)."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        log = self.calls = []
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                log.append((str(func), args))
-                return func(*args, **(kwargs or {}))
-
-        self.mode = Mode()
-
-    def names(self):
-        return [f for f, _ in self.calls]
 
 
 def _resnet(num_classes=10):
@@ -58,7 +39,7 @@ def test_stem_statistics_come_from_the_conv_epilogue(T):
     model = resnet_fused.swap_blocks(_resnet()).to(DEVICE).train()
     assert type(model) is FusedResNet and model.fused_supported()
     x = torch.randn(2, 3, 16, 16, device=DEVICE, requires_grad=True)
-    fwd, bwd = _OpLog(), _OpLog()
+    fwd, bwd = OpLog(), OpLog()
     with resnet_fused.use_backend("triton"):
         assert triton_units.stem_applies(model, x)
         with fwd.mode:
@@ -81,7 +62,7 @@ def test_stem_statistics_come_from_the_conv_epilogue(T):
     assert not any(n.startswith("resnet_fused.") for n in names), names  # no C++ op here
     assert x.grad is not None and model.conv1.weight.grad is not None and model.bn1.weight.grad is not None
     # and the whole model's forward: no bn_stats anywhere (stem and blocks take their epilogues)
-    log = _OpLog()
+    log = OpLog()
     with resnet_fused.use_backend("triton"), log.mode:
         model(x)
     assert not any("bn_stats" in n and n != TRITON_CONV for n in log.names())
@@ -103,7 +84,7 @@ def test_stem_takes_the_units_path_where_the_epilogue_does_not_apply(T, monkeypa
             assert not triton_units.stem_applies(model, x)
     with resnet_fused.use_backend("reference"):
         assert not triton_units.stem_applies(model, x)
-        log = _OpLog()
+        log = OpLog()
         with log.mode:
             model._fused_stem(x)
         assert TRITON_CONV not in log.names() and "aten.convolution.default" in log.names()
@@ -135,7 +116,7 @@ def test_swapped_resnet_parity_on_triton(T, ieee_fp32, fmt):
             what = f"step {step}: "
             x = draw()
             xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-            log = _OpLog()
+            log = OpLog()
             out_r = ref(xr)
             with log.mode:
                 out_f = fused(xf)
