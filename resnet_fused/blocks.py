@@ -121,21 +121,33 @@ class _FusedBlockMixin:
         weight = conv.weight
         return weight if weight.dtype == like.dtype else weight.to(like.dtype)
 
+    def _strided_downsample(self, x: Tensor, ds_conv: nn.Conv2d) -> bool:
+        """conv1 and the strided 1x1 downsample conv as one node (units.conv_and_strided_downsample):
+        both plain convs without hooks (they are not module calls there)."""
+        return (_is_plain_conv(self.conv1) and not _has_hooks(self.conv1)
+                and _is_plain_conv(ds_conv) and not _has_hooks(ds_conv)
+                and units.strided_downsample_applies(x, self.conv1, ds_conv))
+
     def _fused_forward(self, x: Tensor) -> Tensor:
         if triton_units.applies(self, x):  # Triton convs: BN+ReLU prologue, statistics epilogue
             return triton_units.fused_forward(self, x)
         pairs, last_norm = self._units()
         states: List[BNState] = []
-        y = self.conv1(x)
+        ds = self._downsample_parts()
+        y_ds = None
+        if ds is not None and self._strided_downsample(x, ds[0]):
+            y, y_ds = units.conv_and_strided_downsample(x, self.conv1, self.conv1.weight, ds[0], ds[0].weight)
+        else:
+            y = self.conv1(x)
         for norm, conv in pairs:
             state = units.prepare_bn(norm, y, sync_bn.synchronizer_for(norm))
             states.append(state)
             y = units.bn_relu_conv(y, state, conv, self._conv_weight(conv, y))
         last = units.prepare_bn(last_norm, y, sync_bn.synchronizer_for(last_norm))
         states.append(last)
-        ds = self._downsample_parts()
         if ds is not None:
-            y_ds = ds[0](x)
+            if y_ds is None:
+                y_ds = ds[0](x)
             if y_ds.dtype != y.dtype:
                 y_ds = y_ds.to(y.dtype)
             ds_state = units.prepare_bn(ds[1], y_ds, sync_bn.synchronizer_for(ds[1]))

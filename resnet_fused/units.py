@@ -248,6 +248,73 @@ def bn_relu(y: Tensor, bn: BNState) -> Tensor:
     return _BNReLU.apply(y, bn.mean, bn.invstd, bn.weight, bn.bias, bn.batch_stats, bn.sync)
 
 
+def strided_downsample_applies(x: Tensor, conv1: nn.Conv2d, ds_conv: nn.Conv2d) -> bool:
+    """True when :func:`conv_and_strided_downsample` runs a block's first conv and its downsample
+    conv: a 1x1, unpadded, undilated, bias-free downsample conv with stride > 1 on a CPU tensor in
+    training (gradients wanted), without autocast (the module calls take care of casting there).
+    Measured where it pays: ATen's CPU backward of a strided 1x1 conv materializes a zero-filled
+    full-size input gradient (8x256x56x56 at ResNet-50 batch 8: ~14 ms of copying), which autograd
+    then adds to conv1's input gradient in another pass."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and ds_conv.kernel_size == (1, 1) and ds_conv.padding == (0, 0)
+            and ds_conv.dilation == (1, 1) and ds_conv.stride != (1, 1) and ds_conv.bias is None
+            and x.dtype == conv1.weight.dtype == ds_conv.weight.dtype
+            and (x.requires_grad or conv1.weight.requires_grad or ds_conv.weight.requires_grad))
+
+
+class _ConvAndStridedDownsample(torch.autograd.Function):
+    """``(conv1(x), ds_conv(x))`` for a strided 1x1 ``ds_conv``. Backward: the downsample's input
+    gradient is nonzero only on the stride grid, so it is computed on that grid (a 1x1 stride-1
+    backward) and added in place into conv1's fresh input gradient there, instead of ATen's
+    zero-filled full-size gradient plus autograd's accumulation pass."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w_ds, conv1_args, ds_stride, ds_groups):
+        stride, padding, dilation, groups = conv1_args
+        y1 = torch.ops.aten.convolution(x, w1, None, stride, padding, dilation, False, [0, 0], groups)
+        y_ds = torch.ops.aten.convolution(x, w_ds, None, ds_stride, [0, 0], [1, 1], False, [0, 0], ds_groups)
+        ctx.conv1_args, ctx.ds_stride, ctx.ds_groups = conv1_args, ds_stride, ds_groups
+        ctx.save_for_backward(x, w1, w_ds)
+        return y1, y_ds
+
+    @staticmethod
+    def backward(ctx, grad_y1, grad_ds):
+        x, w1, w_ds = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv1_args
+        need_x, need_w1, need_wds = ctx.needs_input_grad[:3]
+        fmt = _memory_format(x)
+        grad_x = grad_w1 = grad_wds = None
+        if need_x or need_w1:
+            grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
+                grad_y1, x, w1, None, stride, padding, dilation, False, [0, 0], groups,
+                [need_x, need_w1, False])
+        if need_wds:
+            _, grad_wds, _ = torch.ops.aten.convolution_backward(
+                grad_ds, x, w_ds, None, ctx.ds_stride, [0, 0], [1, 1], False, [0, 0], ctx.ds_groups,
+                [False, True, False])
+        if need_x:
+            sh, sw = ctx.ds_stride
+            grid = x[:, :, ::sh, ::sw]
+            # only the input's shape is read for an input gradient: an unfilled stand-in
+            # (a strided view would be copied by ATen's contiguous())
+            shape_only = torch.empty(grid.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+            grad_grid, _, _ = torch.ops.aten.convolution_backward(
+                grad_ds, shape_only, w_ds, None, [1, 1], [0, 0], [1, 1], False, [0, 0], ctx.ds_groups,
+                [True, False, False])
+            grad_x[:, :, ::sh, ::sw].add_(grad_grid)
+        return grad_x, grad_w1, grad_wds, None, None, None
+
+
+def conv_and_strided_downsample(x: Tensor, conv1: nn.Conv2d, w1: Tensor, ds_conv: nn.Conv2d,
+                                w_ds: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(conv1(x), ds_conv(x))`` as one autograd node (see :class:`_ConvAndStridedDownsample`);
+    only where :func:`strided_downsample_applies`."""
+    return _ConvAndStridedDownsample.apply(
+        x, w1, w_ds, (list(conv1.stride), list(conv1.padding), list(conv1.dilation), conv1.groups),
+        list(ds_conv.stride), ds_conv.groups)
+
+
 _BATCHNORMS = (nn.BatchNorm2d, SyncBatchNorm, nn.SyncBatchNorm)
 
 
