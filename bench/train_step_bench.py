@@ -5,6 +5,8 @@ both memory formats, with the share of the headroom captured and the bytes saved
                                                      # NCHW and channels_last, 2 threads, compile peer
     python bench/train_step_bench.py --no-compile --rounds 5 --json out.json
     python bench/train_step_bench.py --batch 2 --size 64 --rounds 1 --warmup 0 --no-compile  # smoke
+    python bench/train_step_bench.py --malloc retain     # the same with freed memory kept in the
+                                                     # process (no page-fault churn; see below)
 
 For each memory format, in one process: the torchvision model (random weights, random BN affine,
 warmed running statistics, model and input in that format), its fused copy
@@ -22,6 +24,13 @@ medians. Targets of issue 3: fused headroom >= 0.5 and fused at least as fast as
 formats; saved bytes (activations kept for backward, unique storages, parameters excluded)
 fused / eager <= 0.90. Parity (fused vs eager rel_err of the output and worst gradient) is quoted
 beside the timings. Absolute times on a shared machine mean little: read the ratios.
+
+Page faults: each variant's minor page faults per step are quoted beside its time. With glibc's
+defaults a ResNet-50 step at batch 8 can return memory to the OS and fault it back (measured 0 to
+100,000 faults a step, ~3 us each on the 2-core VM, varying with heap layout and so with which
+variants share the process). ``--malloc retain`` keeps freed memory in the process for every variant
+alike (:mod:`resnet_fused.allocator`), so the times compare kernels rather than heap layouts; runs
+with and without it are both worth quoting.
 
 ``--clock cpu`` times each call in process CPU seconds (``time.process_time``: the work of all the
 process's threads) instead of wall seconds: a proxy for a machine shared with other jobs, where wall
@@ -67,6 +76,7 @@ if __package__ in (None, ""):  # run as a script: import the tree this file live
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import resnet_fused  # noqa: E402
+from resnet_fused import allocator  # noqa: E402
 from resnet_fused import benchmarking as bm  # noqa: E402
 
 LAYOUTS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
@@ -115,11 +125,14 @@ def measure(model_name: str = "resnet50", batch: int = 8, size: int = 224, layou
 
     t = {name: list(r.times) for name, r in results.items()}
     med = {name: r.median for name, r in results.items()}
+    faults = {name: r.median_faults for name, r in results.items()}
     rec: Dict[str, Any] = dict(
         model=model_name, batch=batch, size=size, layout=layout, threads=threads, rounds=rounds, clock=clock,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         warmup=warmup, backend=resnet_fused.backend_for(x.device, x.dtype),
         load_avg_1m=os.getloadavg()[0], median_s=med, times_s=t,
+        malloc=allocator.malloc_policy(), median_faults=faults,
+        faults=({name: list(r.faults) for name, r in results.items()}),
         saved_bytes=saved, saved_ratio=saved["fused"] / saved["eager"],
         rel_err_out=parity.output, rel_err_grad_max=parity.max_grad,
         rel_err_grad_worst=max(parity.grads, key=parity.grads.get) if parity.grads else None,
@@ -144,15 +157,16 @@ def _fmt(v: Optional[float], spec: str) -> str:
 def report(rec: Dict[str, Any]) -> str:
     lines = [f"{rec['model']} train step, batch {rec['batch']}, {rec['size']}x{rec['size']}, "
              f"{rec['layout']}, {rec['threads']} threads, {rec['clock']} clock, {rec['rounds']} rounds (+{rec['warmup']} "
-             f"warmup), backend {rec['backend']}, load {rec['load_avg_1m']:.1f}"]
-    lines.append(f"  {'variant':8s} {'median ms':>10s} {'speedup':>16s} {'headroom':>16s}")
+             f"warmup), backend {rec['backend']}, malloc {rec['malloc']}, load {rec['load_avg_1m']:.1f}"]
+    lines.append(f"  {'variant':8s} {'median ms':>10s} {'speedup':>16s} {'headroom':>16s} {'faults/step':>12s}")
     for name, m in rec["median_s"].items():
         sp = rec.get(f"{name}_speedup")
         hr = rec.get(f"{name}_headroom")
         sp_m = rec.get(f"{name}_speedup_of_medians")
         hr_m = rec.get(f"{name}_headroom_of_medians")
         lines.append(f"  {name:8s} {m * 1e3:10.1f} {_fmt(sp, '.3f'):>7s} ({_fmt(sp_m, '.3f'):>6s}) "
-                     f"{_fmt(hr, '.3f'):>7s} ({_fmt(hr_m, '.3f'):>6s})")
+                     f"{_fmt(hr, '.3f'):>7s} ({_fmt(hr_m, '.3f'):>6s}) "
+                     f"{_fmt(rec['median_faults'].get(name), '.0f'):>12s}")
     if "fused_vs_compile" in rec:
         lines.append(f"  fused vs compile: {rec['fused_vs_compile']:.3f}x (compile / fused, per-round "
                      f"median; compile's first call {rec['compile_s']:.1f} s excluded)")
@@ -180,8 +194,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                    help="wall (default: the numbers to quote) or cpu (process CPU time, a proxy on "
                         "a machine shared with other jobs; use OMP_WAIT_POLICY=PASSIVE)")
+    p.add_argument("--malloc", default="default", choices=("default", "retain"),
+                   help="retain: keep freed memory in the process (resnet_fused.allocator."
+                        "retain_freed_memory, glibc) so steps do not re-fault pages the allocator "
+                        "gave back; applies to every variant alike (default: glibc as it is)")
     p.add_argument("--json", default=None, help="also write the records to this file")
     args = p.parse_args(argv)
+    if args.malloc == "retain":
+        allocator.retain_freed_memory()
     records = []
     for layout in args.layouts.split(","):
         t0 = time.perf_counter()

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from . import allocator
+
 __all__ = [
     "TimingResult", "interleaved", "round_order", "timed_call", "fixed_threads", "train_step",
     "infer_forward", "rel_err", "headroom_share", "saved_bytes", "limit_model",
@@ -56,6 +58,13 @@ class TimingResult:
 
     name: str
     times: Tuple[float, ...]
+    # minor page faults of the process during each timed call (resnet_fused.allocator): a step that
+    # re-faults memory the allocator gave back pays ~3 us a page on the 2-core VM
+    faults: Tuple[int, ...] = ()
+
+    @property
+    def median_faults(self) -> Optional[float]:
+        return statistics.median(self.faults) if self.faults else None
 
     @property
     def median(self) -> float:
@@ -96,15 +105,18 @@ def interleaved(variants: Mapping[str, Callable[[], Any]], rounds: int, warmup: 
         raise ValueError(f"interleaved: need rounds >= 1 and warmup >= 0, got {rounds}, {warmup}")
     names = list(variants)
     times: Dict[str, List[float]] = {name: [] for name in names}
+    faults: Dict[str, List[int]] = {name: [] for name in names}
     with fixed_threads(threads):
         for r in range(warmup + rounds):
             for name in round_order(names, r):
+                before = allocator.minor_faults()
                 elapsed = timed_call(variants[name], clock)
                 if r >= warmup:
                     times[name].append(elapsed)
+                    faults[name].append(allocator.minor_faults() - before)
                 if progress is not None:
                     progress(name)
-    return {name: TimingResult(name, tuple(times[name])) for name in names}
+    return {name: TimingResult(name, tuple(times[name]), tuple(faults[name])) for name in names}
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import resnet_fused
+from resnet_fused import allocator
 from resnet_fused import benchmarking as bm
 from resnet_fused._extension import triton_version
 from resnet_fused.backends import BACKENDS, BackendError
@@ -166,6 +167,11 @@ def _add_bench_parser(commands) -> None:
     p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                    help="inference: add ONNX Runtime CPU when installed (extra 'onnx'; "
                         "default on, skipped with a note when absent)")
+    p.add_argument("--malloc", default="default", choices=("default", "retain"),
+                   help="retain: keep freed memory in the process for the whole run "
+                        "(resnet_fused.allocator.retain_freed_memory; glibc), so no variant "
+                        "re-faults pages the allocator gave back (the 'faults' column); "
+                        "default: the allocator as it is")
     p.add_argument("--json", metavar="PATH", help="also write the results as a list of records")
     p.add_argument("--plot", metavar="PATH",
                    help="also write a PNG bar chart of images/s per variant, limit marked "
@@ -335,6 +341,11 @@ def _bench(args: argparse.Namespace) -> int:
             _validate_out_path(flag, path)
     if args.plot:
         _require_matplotlib()
+    if args.malloc == "retain":
+        try:
+            allocator.retain_freed_memory()
+        except RuntimeError as exc:
+            raise UsageError(f"--malloc retain: {exc}") from None
     threads = args.threads or torch.get_num_threads()
     console = _console()
     with resnet_fused.use_backend(args.backend), bm.fixed_threads(threads):
@@ -527,7 +538,7 @@ def _table(rows: List[_Row], mode: str, args: argparse.Namespace, device: torch.
              f"{args.size}x{args.size}, float32, {device.type}, {layout} input, {threads} threads, "
              f"median of {args.rounds} rounds (+{args.warmup} warmup), interleaved")
     table = Table(title=title, title_justify="left")
-    for header in ("variant", "images/s", "ms (IQR)", "speedup", "headroom", "rel_err out"):
+    for header in ("variant", "images/s", "ms (IQR)", "speedup", "headroom", "faults", "rel_err out"):
         table.add_column(header, justify="left" if header == "variant" else "right")
     if train:
         table.add_column("rel_err grad (max)", justify="right")
@@ -537,7 +548,7 @@ def _table(rows: List[_Row], mode: str, args: argparse.Namespace, device: torch.
         speedup, headroom = _speedup_and_headroom(row, rows)
         cells = [row.variant.name, f"{args.batch / row.timing.median:,.1f}",
                  f"{row.timing.median * 1e3:,.1f} ±{row.timing.iqr * 1e3:,.1f}",
-                 f"{speedup:.2f}x", _fmt(headroom, ".0%"),
+                 f"{speedup:.2f}x", _fmt(headroom, ".0%"), _fmt(row.timing.median_faults, ",.0f"),
                  _fmt(row.parity.output if row.parity else None, ".1e")]
         if train:
             cells.append(_fmt(row.parity.max_grad if row.parity else None, ".1e"))
@@ -546,6 +557,8 @@ def _table(rows: List[_Row], mode: str, args: argparse.Namespace, device: torch.
         table.add_row(*cells)
     caption = [f"speedup: vs torchvision eager; headroom: (t_eager - t) / (t_eager - t_limit), "
                f"t_limit from '{LIMIT}' (BN and ReLU replaced by Identity)"]
+    caption.append(f"faults: minor page faults per call, median (malloc {allocator.malloc_policy()}; "
+                   f"--malloc retain keeps freed memory in the process)")
     if any(r.variant.name == FOLDED_LIMIT for r in rows):
         caption[0] += f", or from '{FOLDED_LIMIT}' for the folded rows (same oneDNN path)"
     compiled = [r for r in rows if r.compile_s is not None]
@@ -570,6 +583,7 @@ def _records(rows: List[_Row], mode: str, args: argparse.Namespace, device: torc
             "threads": machine["threads"],
             "rounds": args.rounds, "warmup": args.warmup,
             "median_s": row.timing.median, "min_s": row.timing.min, "iqr_s": row.timing.iqr,
+            "median_faults": row.timing.median_faults, "malloc": allocator.malloc_policy(),
             "images_per_s": args.batch / row.timing.median, "speedup": speedup,
             "headroom": headroom, "limit_variant": row.variant.limit,
             "rel_err": 0.0 if reference else (row.parity.output if row.parity else None),

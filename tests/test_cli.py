@@ -51,6 +51,7 @@ def test_bench_writes_json_records(tmp_path, capsys):
     assert by["infer", "fused"]["rel_err"] < 1e-4
     assert by["train", "fused"]["saved_bytes"] < by["train", "torchvision"]["saved_bytes"]
     assert by["infer", "limit"]["rel_err"] is None  # another function: no parity to quote
+    assert all(r["malloc"] == "default" and r["median_faults"] >= 0 for r in records)
     out = capsys.readouterr().out
     assert "resnet18 train step: batch 2, 32x32" in out and "machine: " in out
 
@@ -154,6 +155,7 @@ BAD_ARGS = [
     (["bench", "--rounds", "-1"], "positive"),
     (["bench", "--json", "/no/such/dir/out.json"], "no such directory"),
     (["bench", "--plot", "/no/such/dir/out.png"], "no such directory"),
+    (["bench", "--malloc", "jemalloc"], "invalid choice"),
     (["check", "--model", "vgg16"], "invalid choice"),
     ([], "required"),
     (["frobnicate"], "invalid choice"),
@@ -197,3 +199,28 @@ def test_python_dash_m_runs_the_cli():
                           text=True, env=dict(os.environ, PYTHONPATH=path), timeout=120)
     assert done.returncode == 0, done.stderr
     assert "available_backends:" in done.stdout
+
+
+def test_bench_malloc_retain_is_recorded():
+    """--malloc retain (process-wide and one-way: in a child process) keeps freed memory for the
+    whole run and says so in the caption and in every record."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(resnet_fused.__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        done = subprocess.run([sys.executable, "-m", "resnet_fused"] + TINY_BENCH
+                              + ["--mode", "infer", "--malloc", "retain", "--json", out],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path),
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        records = json.load(open(out))
+    assert records and all(r["malloc"] == "retain" for r in records)
+    assert "malloc retain" in " ".join(done.stdout.split())
+
+
+def test_bench_malloc_retain_off_glibc_is_one_line(monkeypatch, capsys):
+    from resnet_fused import allocator
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert main(TINY_BENCH + ["--malloc", "retain"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--malloc retain" in lines[0] and "not glibc" in lines[0]
