@@ -132,7 +132,7 @@ def measure(model_name: str = "resnet50", batch: int = 8, size: int = 224, layou
         warmup=warmup, backend=resnet_fused.backend_for(x.device, x.dtype),
         load_avg_1m=os.getloadavg()[0], median_s=med, times_s=t,
         malloc=allocator.malloc_policy(), median_faults=faults,
-        faults=({name: list(r.faults) for name, r in results.items()}),
+        faults={name: list(r.faults) for name, r in results.items()},
         saved_bytes=saved, saved_ratio=saved["fused"] / saved["eager"],
         rel_err_out=parity.output, rel_err_grad_max=parity.max_grad,
         rel_err_grad_worst=max(parity.grads, key=parity.grads.get) if parity.grads else None,

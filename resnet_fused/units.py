@@ -283,7 +283,6 @@ class _ConvAndStridedDownsample(torch.autograd.Function):
         x, w1, w_ds = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv1_args
         need_x, need_w1, need_wds = ctx.needs_input_grad[:3]
-        fmt = _memory_format(x)
         grad_x = grad_w1 = grad_wds = None
         if need_x or need_w1:
             grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
@@ -298,7 +297,8 @@ class _ConvAndStridedDownsample(torch.autograd.Function):
             grid = x[:, :, ::sh, ::sw]
             # only the input's shape is read for an input gradient: an unfilled stand-in
             # (a strided view would be copied by ATen's contiguous())
-            shape_only = torch.empty(grid.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+            shape_only = torch.empty(grid.shape, dtype=x.dtype, device=x.device,
+                                     memory_format=_memory_format(x))
             grad_grid, _, _ = torch.ops.aten.convolution_backward(
                 grad_ds, shape_only, w_ds, None, [1, 1], [0, 0], [1, 1], False, [0, 0], ctx.ds_groups,
                 [True, False, False])

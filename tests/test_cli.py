@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -206,7 +207,7 @@ def test_bench_malloc_retain_is_recorded():
     whole run and says so in the caption and in every record."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(resnet_fused.__file__)))
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         done = subprocess.run([sys.executable, "-m", "resnet_fused"] + TINY_BENCH
                               + ["--mode", "infer", "--malloc", "retain", "--json", out],

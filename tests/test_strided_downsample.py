@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import resnet_fused
 from resnet_fused import units
@@ -67,7 +68,6 @@ def test_matches_two_separate_convs(memory_format, needs):
 
 
 def _stage_entry_block(kind="bottleneck"):
-    from torchvision.models.resnet import BasicBlock, Bottleneck
     if kind == "basic":
         block = BasicBlock(8, 16, stride=2, downsample=standard_downsample(8, 16, 2))
     else:
@@ -115,5 +115,5 @@ def test_not_applied_with_hooks_autocast_or_without_grad():
         assert not block._strided_downsample(x, block.downsample[0])
     assert block._strided_downsample(x, block.downsample[0])
     unit_stride = resnet_fused.swap_blocks(
-        __import__("torchvision").models.resnet.Bottleneck(16, 8, downsample=standard_downsample(16, 32, 1)))
+        Bottleneck(16, 8, downsample=standard_downsample(16, 32, 1)))
     assert not unit_stride._strided_downsample(x, unit_stride.downsample[0])
