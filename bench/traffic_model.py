@@ -18,6 +18,8 @@ Plans (what each block's BatchNorm/ReLU/add work costs, written as passes over n
                  block-end gradient once, recomputes each inner BN+ReLU output for ATen's conv backward
                  (its only reader) and takes the inner BN+ReLU backward's ReLU mask from the saved
                  input: ``y*scale + shift > 0``, recomputed inside the reduce and apply kernels.
+                 On the CPU a strided 1x1 downsample's input gradient stays on its stride grid and
+                 is added in place into conv1's (``fused_cpu_train``; the unit is CPU-only).
 * ``triton``     Triton part 3 as built (resnet_fused/triton_units.py), ATen's conv backward: every
                  block conv (conv1, the inner convs, the last conv, the downsample conv) is the Triton
                  conv ``conv2d_bn_stats`` whose epilogue gives its BN's statistics, BN+ReLU in the next
@@ -70,6 +72,7 @@ class BlockShapes:
     x: int                  # block input (the identity when there is no downsample)
     ys: List[int]           # conv outputs along the main branch, in order; the last one is added
     y_ds: int = 0           # downsample conv output (0: no downsample)
+    x_grid: int = 0         # block input on a strided 1x1 downsample's stride grid (0: none such)
 
     @property
     def out(self) -> int:
@@ -137,6 +140,17 @@ def _inner_backward(b: BlockShapes, recompute_in_memory: bool, mask_from_input: 
 def _fused_train(b: BlockShapes) -> float:
     return (_fused_forward(b) + _block_end_backward(b, False)
             + _inner_backward(b, recompute_in_memory=True, mask_from_input=True) + 3 * b.x)
+
+
+def fused_cpu_train(b: BlockShapes) -> float:
+    """``fused`` as it runs on the CPU: with a strided 1x1 downsample conv, the downsample's input
+    gradient is computed on its stride grid and added in place into conv1's input gradient
+    (units.conv_and_strided_downsample: read both, write one, on the grid) instead of autograd
+    accumulating two full-size gradients. Not a GPU plan (the unit is CPU-only), hence not in
+    BLOCK_RULES; tests/test_traffic_model.py checks it against the ops the CPU blocks launch."""
+    if not b.x_grid:
+        return _fused_train(b)
+    return _fused_train(b) - 3 * b.x + 3 * b.x_grid
 
 
 def _triton_forward(b: BlockShapes) -> float:
@@ -210,6 +224,11 @@ def collect_shapes(model: nn.Module, batch: int, size: int) -> Tuple[StemShapes,
             rec = records.setdefault(name, {})
             if key == "x":
                 rec[key] = inputs[0].numel()
+            elif key == "ds":
+                rec[key] = output.numel()
+                if module.kernel_size == (1, 1) and module.stride != (1, 1):
+                    n, c = inputs[0].shape[:2]
+                    rec["x_grid"] = n * c * output.shape[2] * output.shape[3]
             else:
                 rec[key] = output.numel()
         return hook
@@ -236,7 +255,7 @@ def collect_shapes(model: nn.Module, batch: int, size: int) -> Tuple[StemShapes,
     for name in block_names:
         rec = records[name]
         ys = [rec[c] for c in ("conv1", "conv2", "conv3") if c in rec]
-        blocks.append(BlockShapes(name, rec["x"], ys, rec.get("ds", 0)))
+        blocks.append(BlockShapes(name, rec["x"], ys, rec.get("ds", 0), rec.get("x_grid", 0)))
     return StemShapes("stem", records["stem"]["y"]), blocks
 
 
@@ -263,7 +282,7 @@ def totals(layers: Sequence[Layer]) -> Dict[str, float]:
 
 
 _NO_TRAFFIC = ("detach", "view", "alias", "expand", "as_strided", "permute", "squeeze", "unsqueeze",
-               "slice", "select", "aten.t.")
+               "slice", "select", "aten.t.", "aten.empty")   # empty: allocates, touches no memory
 _CONV_OPERANDS = ("convolution", "conv2d_bn_stats")   # ATen conv fwd/bwd, the Triton training conv: own operands
 
 

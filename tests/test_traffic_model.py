@@ -50,11 +50,25 @@ def test_shapes_from_resnet18():
     l1, l2 = blocks[0], blocks[2]
     assert (l1.x, l1.ys, l1.y_ds) == (2 * 64 * 16 * 16, [2 * 64 * 16 * 16] * 2, 0)
     assert (l2.x, l2.ys, l2.y_ds) == (2 * 64 * 16 * 16, [2 * 128 * 8 * 8] * 2, 2 * 128 * 8 * 8)
+    assert (l1.x_grid, l2.x_grid) == (0, 2 * 64 * 8 * 8)   # layer2.0's downsample: 1x1, stride 2
+
+
+def test_fused_cpu_plan_differs_only_for_strided_downsamples():
+    plain = tm.BlockShapes("b", 4, [1, 1, 2], y_ds=2)
+    assert tm.fused_cpu_train(plain) == tm.BLOCK_RULES["train"]["fused"](plain)
+    strided = tm.BlockShapes("b", 4, [1, 1, 2], y_ds=2, x_grid=1)
+    # the full-size accumulation (3 x 4) becomes the in-place add on the grid (3 x 1)
+    assert tm.fused_cpu_train(strided) == tm.BLOCK_RULES["train"]["fused"](strided) - 12 + 3
 
 
 @pytest.mark.parametrize("kind", ["basic", "bottleneck_downsample"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_plan_matches_the_units(kind, channels_last):
+@pytest.mark.parametrize("strided_downsample", [False, True], ids=["gpu_plan", "cpu_plan"])
+def test_fused_plan_matches_the_units(kind, channels_last, strided_downsample, monkeypatch):
+    """``fused`` (the GPU plan) against the blocks with the CPU-only strided-downsample unit off;
+    ``fused_cpu_train`` against the blocks as they run here."""
+    if not strided_downsample:
+        monkeypatch.setattr(resnet_fused.units, "strided_downsample_applies", lambda *a: False)
     if kind == "basic":
         block, x = resnet_fused.FusedBasicBlock(16, 16), torch.randn(3, 16, 9, 9)
     else:
@@ -65,16 +79,20 @@ def test_fused_plan_matches_the_units(kind, channels_last):
     assert block.fused_supported()
     measured = tm.measured_elements(block.train(), x)
     # shapes from a copy: hooks on inner modules send a block down torchvision's unfused path
-    probe, shapes = copy.deepcopy(block), {}
+    probe, shapes = copy.deepcopy(block), {"x_grid": 0}
     for c in ("conv1", "conv2", "conv3"):
         if hasattr(probe, c):
             getattr(probe, c).register_forward_hook(lambda m, i, o, c=c: shapes.__setitem__(c, o.numel()))
     if probe.downsample is not None:
-        probe.downsample[0].register_forward_hook(lambda m, i, o: shapes.__setitem__("ds", o.numel()))
+        def ds_hook(m, i, o):
+            shapes["ds"] = o.numel()
+            shapes["x_grid"] = i[0].shape[0] * i[0].shape[1] * o.shape[2] * o.shape[3]
+        probe.downsample[0].register_forward_hook(ds_hook)
     probe(x)
     ys = [shapes[c] for c in ("conv1", "conv2", "conv3") if c in shapes]
-    modelled = tm.BLOCK_RULES["train"]["fused"](tm.BlockShapes("b", x.numel(), ys, shapes.get("ds", 0)))
-    assert measured == modelled
+    shape = tm.BlockShapes("b", x.numel(), ys, shapes.get("ds", 0), shapes["x_grid"])
+    rule = tm.fused_cpu_train if strided_downsample else tm.BLOCK_RULES["train"]["fused"]
+    assert measured == rule(shape)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
