@@ -492,3 +492,70 @@ def test_too_small_input_fails_before_any_running_statistics_change():
         model(torch.randn(1, 3, 32, 32))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model(torch.randn(2, 3, 32, 32))  # two values per channel at layer4: fine
+
+
+# ------------------------------------------------------------------------------------------------
+# activation layout: channels_last inside FusedResNet on the CPU
+# ------------------------------------------------------------------------------------------------
+def _layouts_seen(model):
+    """Records whether each stage's output is channels_last; returns (record, handles)."""
+    seen = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            seen[name] = output.is_contiguous(memory_format=CL) and not output.is_contiguous()
+        return record
+
+    handles = [getattr(model, n).register_forward_hook(hook(n)) for n in ("layer1", "layer4")]
+    return seen, handles
+
+
+@pytest.mark.parametrize("setting", ["auto", "preserve"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_activation_memory_format_on_cpu(resnet18, setting, mode, backend):
+    """"auto": an NCHW float32 input runs channels_last from the stem on (hooks see it), with the
+    same outputs, input gradient (in the input's NCHW layout), parameter gradients and running
+    statistics as torchvision in NCHW; "preserve": NCHW throughout, as torchvision."""
+    ref, fused = _pair(resnet18)
+    fused.activation_memory_format = setting
+    ref.train(mode == "train")
+    fused.train(mode == "train")
+    seen, _ = _layouts_seen(fused)
+    x = torch.randn(2, 3, 64, 64)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fused(xf)
+    assert seen == {"layer1": setting == "auto", "layer4": setting == "auto"}
+    assert rel_err(out_f, out_r) <= TOL_NET_OUT
+    target = torch.randint(0, out_r.shape[1], (x.shape[0],))
+    F.cross_entropy(out_r, target).backward()
+    F.cross_entropy(out_f, target).backward()
+    assert xf.grad.is_contiguous() and rel_err(xf.grad, xr.grad) <= TOL_NET_GRAD
+    compare_grads(ref, fused, TOL_NET_GRAD)
+    for name, p in fused.named_parameters():  # the parameters keep their format; so do their
+        # gradients (strides of size-1 dims carry no layout)
+        def layout(t):
+            return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+        assert p.grad is None or layout(p.grad) == layout(p), f"{name}: grad strides {p.grad.stride()} vs {p.stride()}"
+    compare_buffers(ref, fused, TOL_NET_OUT)
+
+
+def test_activation_memory_format_auto_keeps_float64_and_channels_last_inputs(resnet18):
+    """float64 (no oneDNN convolutions) keeps the input's NCHW; a channels_last input stays so."""
+    _, fused = _pair(resnet18, torch.float64)
+    seen, _ = _layouts_seen(fused)
+    fused(torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    assert seen == {"layer1": False, "layer4": False}
+    _, fused = _pair(resnet18)
+    seen, _ = _layouts_seen(fused)
+    fused(torch.randn(2, 3, 64, 64).contiguous(memory_format=CL))
+    assert seen == {"layer1": True, "layer4": True}
+
+
+def test_activation_memory_format_refuses_unknown_values_before_state_changes(resnet18):
+    _, fused = _pair(resnet18)
+    fused.activation_memory_format = "channels_last"
+    before = state_snapshot(fused)
+    with pytest.raises(ValueError, match=r"activation_memory_format must be one of \('auto', 'preserve'\), "
+                                         r"got 'channels_last'"):
+        fused.train()(torch.randn(2, 3, 64, 64))
+    assert_state_unchanged(fused, before)
