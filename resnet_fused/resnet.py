@@ -11,16 +11,20 @@ statistics, a conv with bias or non-zero padding mode, an activation other than 
 on ``conv1``/``bn1``/``relu``) runs torchvision's ``_forward_impl``, as does ``torch.fx`` tracing
 (``fold_bn`` traces the model to find its conv/BN pairs).
 
-Activation layout (``FusedResNet.activation_memory_format``): on the CPU, for float32 and bfloat16
-with oneDNN enabled, an NCHW input is turned channels_last once, before the stem, so every
-convolution and fused kernel after it runs channels_last: oneDNN's channels-last convolutions are
-much faster than its NCHW ones on the CPU (the ``cpu`` and ``reference`` backends, whose
-convolutions are ATen's) (ResNet-50 training step, batch 8, 2 threads: eager
-torchvision 1.17x faster with a channels_last input alone), and ``torch.compile`` does the same
-(inductor's layout optimization). The parameters keep their own format; the logits have none; the
-input's gradient comes back in the input's layout. What changes is visible only to hooks on the
-submodules: they see channels_last activations (same values). ``"preserve"`` keeps the input's
-format throughout, as torchvision does.
+Activation layout (``FusedResNet.activation_memory_format``): on the CPU (the ``cpu`` and
+``reference`` backends, whose convolutions are ATen's oneDNN ones), for float32 and bfloat16 with
+oneDNN enabled, a large enough NCHW input is turned channels_last once, before the stem, so every
+convolution and fused kernel after it runs channels_last. Measured on the 2-core AVX512 development
+VM (ResNet-50, NCHW parameters, interleaved): channels_last was faster from N*H*W = 200k pixels on
+(training step at batch 4 and 224x224 1.10x for torchvision itself, 8 x 160x160 1.07x, 8 x 224x224
+1.17x; inference at 4 and 8 x 224x224 1.13x and 1.17x) and slower at 100k and below (batch 8 at
+112x112 0.98x, ResNet-18 0.91x; batch 1 at 224x224 0.86x). ``"auto"`` converts from
+``channels_last_min_pixels`` = 2**17 on (between the two measured ranges; tune it per machine),
+``"channels_last"`` always, ``"preserve"`` never (as torchvision). ``torch.compile`` makes the same
+kind of choice (inductor's layout optimization). The parameters keep their own format (and their
+gradients: autograd copies the 3x3 convs' channels-last weight gradients back, 17 copies a step in
+ResNet-50); the logits have none; the input's gradient comes back in the input's layout. Hooks on
+the submodules see channels_last activations (same values).
 
 Built by :func:`resnet_fused.swap_blocks` (a class swap: same tensors and state_dict) or directly
 with torchvision's ``ResNet`` constructor arguments.
@@ -63,7 +67,7 @@ def _pool_out_hw(pool: nn.Module, h: int, w: int) -> Optional[Tuple[int, int]]:
     return out[0], out[1]
 
 
-_ACTIVATION_FORMATS = ("auto", "preserve")
+_ACTIVATION_FORMATS = ("auto", "channels_last", "preserve")
 _CHANNELS_LAST_DTYPES = (torch.float32, torch.bfloat16)  # oneDNN's; float64 runs THNN convs
 _MKLDNN_BUILT = torch.backends.mkldnn.is_available()  # once: dynamo does not trace the call
 _ATEN_CONV_BACKENDS = ("cpu", "reference")  # ATen's (oneDNN) convs; triton runs its own stem conv
@@ -72,15 +76,22 @@ _ATEN_CONV_BACKENDS = ("cpu", "reference")  # ATen's (oneDNN) convs; triton runs
 class FusedResNet(ResNet):
     """torchvision ``ResNet`` whose stem BN+ReLU runs one fused autograd unit."""
 
-    #: ``"auto"``: channels_last activations on the CPU (float32/bfloat16, oneDNN enabled), the
-    #: input's format elsewhere; ``"preserve"``: always the input's format (module docstring).
-    #: A class attribute; set it on an instance to change one model.
+    #: ``"auto"``: channels_last activations on the CPU (float32/bfloat16, oneDNN enabled) for
+    #: inputs of at least ``channels_last_min_pixels`` N*H*W, the input's format otherwise;
+    #: ``"channels_last"``: on the CPU whatever the size; ``"preserve"``: always the input's format
+    #: (module docstring). Class attributes; set them on an instance to change one model.
     activation_memory_format: str = "auto"
+    channels_last_min_pixels: int = 2 ** 17
 
     def activation_input(self, x: Tensor) -> Tensor:
         """``x`` in the memory format the network runs in (see ``activation_memory_format``)."""
-        if (self.activation_memory_format == "auto" and x.device.type == "cpu" and x.dim() == 4
-                and x.dtype in _CHANNELS_LAST_DTYPES and _MKLDNN_BUILT and torch.backends.mkldnn.enabled
+        setting = self.activation_memory_format
+        if setting == "preserve" or x.dim() != 4:
+            return x
+        if setting == "auto" and x.shape[0] * x.shape[2] * x.shape[3] < self.channels_last_min_pixels:
+            return x
+        if (x.device.type == "cpu" and x.dtype in _CHANNELS_LAST_DTYPES and _MKLDNN_BUILT
+                and torch.backends.mkldnn.enabled
                 and backends.backend_for(x.device, x.dtype) in _ATEN_CONV_BACKENDS):
             return x.contiguous(memory_format=torch.channels_last)
         return x

@@ -510,52 +510,74 @@ def _layouts_seen(model):
     return seen, handles
 
 
-@pytest.mark.parametrize("setting", ["auto", "preserve"])
+# (setting, channels_last_min_pixels or None, expected channels_last); the input has 2*64*64 pixels
+_LAYOUT_CASES = {
+    "auto-at-threshold": ("auto", 2 * 64 * 64, True),
+    "auto-below-threshold": ("auto", 2 * 64 * 64 + 1, False),
+    "auto-default-threshold": ("auto", None, False),  # 8192 pixels: far below 2**17
+    "channels_last": ("channels_last", None, True),
+    "preserve": ("preserve", 1, False),
+}
+
+
+@pytest.mark.parametrize("case", list(_LAYOUT_CASES))
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_activation_memory_format_on_cpu(resnet18, setting, mode, backend):
-    """"auto": an NCHW float32 input runs channels_last from the stem on (hooks see it), with the
-    same outputs, input gradient (in the input's NCHW layout), parameter gradients and running
-    statistics as torchvision in NCHW; "preserve": NCHW throughout, as torchvision."""
+def test_activation_memory_format_on_cpu(resnet18, case, mode, backend):
+    """An NCHW float32 input runs channels_last from the stem on (hooks see it) when the setting
+    and the size threshold say so, else NCHW throughout; either way the outputs, the input gradient
+    (in the input's NCHW layout), every parameter gradient (in its parameter's layout) and the
+    running statistics match torchvision in NCHW."""
+    setting, min_pixels, expect_cl = _LAYOUT_CASES[case]
     ref, fused = _pair(resnet18)
     fused.activation_memory_format = setting
+    if min_pixels is not None:
+        fused.channels_last_min_pixels = min_pixels
     ref.train(mode == "train")
     fused.train(mode == "train")
     seen, _ = _layouts_seen(fused)
     x = torch.randn(2, 3, 64, 64)
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_r, out_f = ref(xr), fused(xf)
-    assert seen == {"layer1": setting == "auto", "layer4": setting == "auto"}
+    assert seen == {"layer1": expect_cl, "layer4": expect_cl}
     assert rel_err(out_f, out_r) <= TOL_NET_OUT
     target = torch.randint(0, out_r.shape[1], (x.shape[0],))
     F.cross_entropy(out_r, target).backward()
     F.cross_entropy(out_f, target).backward()
     assert xf.grad.is_contiguous() and rel_err(xf.grad, xr.grad) <= TOL_NET_GRAD
     compare_grads(ref, fused, TOL_NET_GRAD)
-    for name, p in fused.named_parameters():  # the parameters keep their format; so do their
-        # gradients (strides of size-1 dims carry no layout)
-        def layout(t):
-            return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+    def layout(t):  # strides of size-1 dims carry no layout
+        return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+    for name, p in fused.named_parameters():
         assert p.grad is None or layout(p.grad) == layout(p), f"{name}: grad strides {p.grad.stride()} vs {p.stride()}"
     compare_buffers(ref, fused, TOL_NET_OUT)
 
 
-def test_activation_memory_format_auto_keeps_float64_and_channels_last_inputs(resnet18):
-    """float64 (no oneDNN convolutions) keeps the input's NCHW; a channels_last input stays so."""
+def test_activation_memory_format_keeps_float64_and_channels_last_inputs(resnet18):
+    """float64 (no oneDNN convolutions) keeps the input's NCHW even when channels_last is asked for;
+    a channels_last input stays channels_last under every setting."""
     _, fused = _pair(resnet18, torch.float64)
+    fused.activation_memory_format = "channels_last"
     seen, _ = _layouts_seen(fused)
     fused(torch.randn(2, 3, 64, 64, dtype=torch.float64))
     assert seen == {"layer1": False, "layer4": False}
-    _, fused = _pair(resnet18)
-    seen, _ = _layouts_seen(fused)
-    fused(torch.randn(2, 3, 64, 64).contiguous(memory_format=CL))
-    assert seen == {"layer1": True, "layer4": True}
+    for setting in _ACTIVATION_SETTINGS:
+        _, fused = _pair(resnet18)
+        fused.activation_memory_format = setting
+        seen, _ = _layouts_seen(fused)
+        fused(torch.randn(2, 3, 64, 64).contiguous(memory_format=CL))
+        assert seen == {"layer1": True, "layer4": True}, setting
+
+
+_ACTIVATION_SETTINGS = ("auto", "channels_last", "preserve")
 
 
 def test_activation_memory_format_refuses_unknown_values_before_state_changes(resnet18):
     _, fused = _pair(resnet18)
-    fused.activation_memory_format = "channels_last"
+    fused.activation_memory_format = "channels-last"
     before = state_snapshot(fused)
-    with pytest.raises(ValueError, match=r"activation_memory_format must be one of \('auto', 'preserve'\), "
-                                         r"got 'channels_last'"):
+    with pytest.raises(ValueError, match=r"activation_memory_format must be one of \('auto', 'channels_last', 'preserve'\), "
+                                         r"got 'channels-last'"):
         fused.train()(torch.randn(2, 3, 64, 64))
     assert_state_unchanged(fused, before)
