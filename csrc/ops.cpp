@@ -35,6 +35,8 @@ TORCH_LIBRARY(resnet_fused, m) {
       "bn_backward_apply(Tensor grad_out, Tensor input, Tensor? output, Tensor mean, Tensor invstd, "
       "Tensor? weight, Tensor? mean_dy, Tensor? mean_dy_xmu, bool relu, Tensor? mask_scale=None, "
       "Tensor? mask_shift=None) -> Tensor");
+  // Inference helper, CPU only (FoldedResNet's flat plan): a channels-last max-pool without indices.
+  m.def("max_pool2d_nhwc(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
 }
 
 namespace {

@@ -9,6 +9,9 @@ arguments prepared, instead of module calls, per-block checks and per-conv dispa
 ResNet-50 batch 1 on two threads, that Python between the convolutions was about 1.5 ms of a 35 ms
 forward, where ``torch.compile``'s generated code calls the same oneDNN ops back to back.
 
+The max-pool is the C++ channels-last kernel without indices (:func:`resnet_fused.ops.max_pool2d_inference`:
+ATen's CPU max-pool computes its indices even without autograd, 2.5-3x slower at the stem's output).
+
 Because no hook can observe a tensor inside the plan, every block-end convolution accumulates into
 its residual in place (oneDNN's sum post-op), including the first block of each stage, whose input
 the module path must leave intact (a feature extractor may return it).
@@ -156,7 +159,7 @@ class FoldedResNet(ResNet):
         stem, maxpool, blocks, avgpool, fc = structure
         (packed, pad, strd, dil), block_plans = plan
         out = ops.ONEDNN_POINTWISE(x, packed, stem.bias, pad, strd, dil, stem.groups, "relu", [], None)
-        out = maxpool(out)
+        out = ops.max_pool2d_inference(out, maxpool)  # channels-last, no indices
         for (inner, last, ds), block_plan in zip(blocks, block_plans):
             # every block input is scratch: read by nobody else, no hook can see it inside the plan
             out = run_onednn_block(out, inner, last, ds, block_plan, True)

@@ -218,6 +218,46 @@ Tensor bn_backward_apply_cpu(const Tensor& grad_out_, const Tensor& input_, cons
   return grad_in;
 }
 
+// ---------------------------------------------------------------------------------------------
+// max_pool2d_nhwc: inference max-pool of a channels-last tensor, no indices (FoldedResNet)
+// ---------------------------------------------------------------------------------------------
+Tensor max_pool2d_nhwc_cpu(const Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding) {
+  constexpr const char* op = "max_pool2d_nhwc";
+  TORCH_CHECK(input.defined() && input.dim() == 4, op, ": input must be a 4-d [N, C, H, W] tensor, got ",
+              input.defined() ? input.sizes() : at::IntArrayRef{});
+  // float32/float64 only: FoldedResNet's flat plan runs float32 (reduced-precision vectors would
+  // need their own NaN handling, untested)
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+              ": the CPU kernel supports float32 and float64, got dtype ", input.scalar_type());
+  TORCH_CHECK(input.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": input must be channels_last dense, got strides ", input.strides());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
+              ": kernel_size, stride and padding take 2 values each");
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(kernel_size[d] > 0 && stride[d] > 0, op, ": kernel_size and stride must be positive, got ",
+                kernel_size, " and ", stride);
+    TORCH_CHECK(padding[d] >= 0 && padding[d] <= kernel_size[d] / 2, op,
+                ": padding must be between 0 and half the kernel size, got ", padding, " for kernel ", kernel_size);
+  }
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t OH = (H + 2 * padding[0] - kernel_size[0]) / stride[0] + 1;
+  const int64_t OW = (W + 2 * padding[1] - kernel_size[1]) / stride[1] + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, op, ": input of spatial size [", H, ", ", W, "] is too small for kernel ",
+              kernel_size, " with padding ", padding);
+  Tensor out = at::empty({N, C, OH, OW}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;
+  MaxPoolArgs a{};
+  a.dtype = input.scalar_type();
+  a.input = input.const_data_ptr();
+  a.output = out.mutable_data_ptr();
+  a.N = N, a.H = H, a.W = W, a.C = C, a.OH = OH, a.OW = OW;
+  a.kh = kernel_size[0], a.kw = kernel_size[1], a.sh = stride[0], a.sw = stride[1];
+  a.ph = padding[0], a.pw = padding[1];
+  kernels().max_pool2d_nhwc(a);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
@@ -225,6 +265,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bn_apply", &bn_apply_cpu);
   m.impl("bn_backward_reduce", &bn_backward_reduce_cpu);
   m.impl("bn_backward_apply", &bn_backward_apply_cpu);
+  m.impl("max_pool2d_nhwc", &max_pool2d_nhwc_cpu);
 }
 
 }  // namespace cpu

@@ -64,12 +64,22 @@ struct BackwardApplyArgs {
   bool relu;
 };
 
+// Channels-last max-pool without indices: input [N, H, W, C] dense, output [N, OH, OW, C] dense.
+struct MaxPoolArgs {
+  c10::ScalarType dtype;
+  const void* input;
+  void* output;
+  int64_t N, H, W, C, OH, OW;
+  int64_t kh, kw, sh, sw, ph, pw;
+};
+
 struct KernelTable {
   const char* capability;  // "DEFAULT", "AVX2", "AVX512"
   void (*bn_stats)(const StatsArgs&);
   void (*bn_apply)(const ApplyArgs&);
   void (*bn_backward_reduce)(const BackwardReduceArgs&);
   void (*bn_backward_apply)(const BackwardApplyArgs&);
+  void (*max_pool2d_nhwc)(const MaxPoolArgs&);
 };
 
 // One definition per compiled capability (setup.py defines RESNET_FUSED_CPU_<name> for each).

@@ -1027,11 +1027,67 @@ void bn_backward_apply_kernel(const BackwardApplyArgs& a) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// max_pool2d_nhwc (inference: FoldedResNet's flat plan)
+// ---------------------------------------------------------------------------------------------
+// out[n, oh, ow, c] = max over the window's in-bounds input pixels, channels innermost: one
+// vector of channels at a time, no indices (ATen's CPU max_pool2d always computes them). NaN
+// propagates as in ATen (any NaN in the window gives NaN); the window is never empty
+// (padding <= kernel / 2, checked by the op).
+template <typename scalar_t>
+void max_pool2d_nhwc_typed(const MaxPoolArgs& a) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const scalar_t* in = static_cast<const scalar_t*>(a.input);
+  scalar_t* out = static_cast<scalar_t*>(a.output);
+  const int64_t C = a.C, H = a.H, Wi = a.W, OH = a.OH, OW = a.OW;
+  const scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
+  const int64_t pixels = a.N * OH * OW;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(C * a.kh * a.kw, 1));
+  at::parallel_for(0, pixels, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t ow = p % OW, oh = (p / OW) % OH, n = p / (OW * OH);
+      const int64_t h0 = oh * a.sh - a.ph, w0 = ow * a.sw - a.pw;
+      const int64_t hs = std::max<int64_t>(h0, 0), he = std::min<int64_t>(h0 + a.kh, H);
+      const int64_t ws = std::max<int64_t>(w0, 0), we = std::min<int64_t>(w0 + a.kw, Wi);
+      const scalar_t* base = in + n * H * Wi * C;
+      scalar_t* o = out + p * C;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        Vec m(lowest);
+        for (int64_t h = hs; h < he; ++h) {
+          for (int64_t w = ws; w < we; ++w) m = at::vec::maximum(m, Vec::loadu(base + (h * Wi + w) * C + c));
+        }
+        m.store(o + c);
+      }
+      for (; c < C; ++c) {
+        scalar_t m = lowest;
+        for (int64_t h = hs; h < he; ++h) {
+          for (int64_t w = ws; w < we; ++w) {
+            const scalar_t v = base[(h * Wi + w) * C + c];
+            if (v > m || v != v) m = v;  // ATen's rule: a NaN wins
+            if (m != m) break;
+          }
+        }
+        o[c] = m;
+      }
+    }
+  });
+}
+
+void max_pool2d_nhwc_kernel(const MaxPoolArgs& a) {  // float32 / float64 (checked by the op)
+  if (a.dtype == c10::ScalarType::Float) {
+    max_pool2d_nhwc_typed<float>(a);
+  } else if (a.dtype == c10::ScalarType::Double) {
+    max_pool2d_nhwc_typed<double>(a);
+  }
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
   static const KernelTable table{RESNET_FUSED_CAP_STR(CPU_CAPABILITY), &bn_stats_kernel, &bn_apply_kernel,
-                                 &bn_backward_reduce_kernel, &bn_backward_apply_kernel};
+                                 &bn_backward_reduce_kernel, &bn_backward_apply_kernel, &max_pool2d_nhwc_kernel};
   return table;
 }
 
