@@ -144,6 +144,14 @@ for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat1
         for i, (a, b) in enumerate(pairs):
             assert a.dtype == b.dtype and a.stride() == b.stride(), (dtype, shape, cl, i)
             assert err(a, b) <= tol, (dtype, shape, cl, i, err(a, b))
+# the channels-last max-pool (FoldedResNet): equal to ATen's, NaN included, vector body and tail
+for dtype in (torch.float32, torch.float64):
+    x = torch.randn(2, 37, 9, 11, dtype=dtype)
+    x.view(-1)[::53] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    a = OPS.max_pool2d_nhwc(x, [3, 3], [2, 2], [1, 1])
+    b = torch.nn.functional.max_pool2d(x, 3, 2, 1)
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), dtype
 print("ok")
 """
 
