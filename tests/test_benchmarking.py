@@ -270,3 +270,21 @@ def test_onnxruntime_model_needs_the_extra(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
     with pytest.raises(ImportError):
         bm.onnxruntime_model(_eval_resnet18(), torch.randn(1, 3, 32, 32))
+
+
+def test_inference_ab_script_runs_and_reports_parity():
+    """bench/inference_ab.py (the README's long A/B of issue 4): a tiny run end to end."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "inference_ab.py"
+    spec = importlib.util.spec_from_file_location("inference_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        rec = mod.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--rounds", "2", "--warmup", "0",
+                        "--threads", "1"])
+    finally:
+        torch._dynamo.reset()
+    assert rec["folded_ms"] > 0 and rec["compile_freeze_ms"] > 0 and rec["per_round"] > 0
+    assert rec["rel_err"] <= 1e-5
