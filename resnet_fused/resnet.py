@@ -19,7 +19,8 @@ VM (ResNet-50, NCHW parameters, interleaved): channels_last was faster from N*H*
 (training step at batch 4 and 224x224 1.10x for torchvision itself, 8 x 160x160 1.07x, 8 x 224x224
 1.17x; inference at 4 and 8 x 224x224 1.13x and 1.17x) and slower at 100k and below (batch 8 at
 112x112 0.98x, ResNet-18 0.91x; batch 1 at 224x224 0.86x). ``"auto"`` converts from
-``channels_last_min_pixels`` = 2**17 on (between the two measured ranges; tune it per machine),
+``channels_last_min_pixels`` = 2**17 on (between the two measured ranges; tune it per machine
+with ``bench/layout_ab.py``),
 ``"channels_last"`` always, ``"preserve"`` never (as torchvision). ``torch.compile`` makes the same
 kind of choice (inductor's layout optimization). The parameters keep their own format (and their
 gradients: autograd copies the 3x3 convs' channels-last weight gradients back, 17 copies a step in

@@ -288,3 +288,20 @@ def test_inference_ab_script_runs_and_reports_parity():
         torch._dynamo.reset()
     assert rec["folded_ms"] > 0 and rec["compile_freeze_ms"] > 0 and rec["per_round"] > 0
     assert rec["rel_err"] <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_layout_ab_script_runs(mode):
+    """bench/layout_ab.py (the measurements behind channels_last_min_pixels): a tiny run."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "layout_ab.py"
+    spec = importlib.util.spec_from_file_location("layout_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    medians = mod.main(["--model", "resnet18", "--batch", "2", "--size", "32", "--mode", mode, "--rounds", "1",
+                        "--warmup", "0", "--threads", "1"])
+    assert set(medians) == {"torchvision", "torchvision-cl-input", "fused-auto", "fused-preserve",
+                            "fused-channels_last"}
+    assert all(t > 0 for t in medians.values())
