@@ -358,7 +358,7 @@ def _bench(args: argparse.Namespace) -> int:
         notes: List[str] = []
         with _progress() as progress:
             for mode in modes:
-                variants = (_train_variants(models, backend) if mode == "train"
+                variants = (_train_variants(models, x, backend) if mode == "train"
                             else _infer_variants(models, x, backend, args, notes))
                 rows = _measure_mode(mode, variants, x, labels, args, threads, progress)
                 console.print(_table(rows, mode, args, device, threads))
@@ -397,9 +397,18 @@ class _Models:
         return cls(ref, _fused_copy(ref), compiled, compile_peer)
 
 
-def _train_variants(models: _Models, backend: str) -> List[_Variant]:
+def _fused_label(fused: nn.Module, x: Tensor, backend: str) -> str:
+    """The backend, and whether the FusedResNet runs channels_last inside for this input."""
+    if isinstance(fused, resnet_fused.FusedResNet) and not x.is_contiguous(memory_format=torch.channels_last):
+        if fused.activation_input(x).is_contiguous(memory_format=torch.channels_last):
+            return f"{backend}, channels_last inside"
+    return backend
+
+
+def _train_variants(models: _Models, x: Tensor, backend: str) -> List[_Variant]:
     ref, fused = models.ref, models.fused
-    variants = [_Variant("torchvision", ref, ref, "aten"), _Variant("fused", fused, fused, backend)]
+    variants = [_Variant("torchvision", ref, ref, "aten"),
+                _Variant("fused", fused, fused, _fused_label(fused, x, backend))]
     if models.compiled_train is not None:
         variants.append(_Variant("compile", *models.compiled_train, "inductor"))
     limit = bm.limit_model(ref)
@@ -422,7 +431,7 @@ def _infer_variants(models: _Models, x: Tensor, backend: str, args: argparse.Nam
     variants = [
         _Variant("torchvision", ref, ref, "aten"),
         _Variant("torchvision-cl", ref_cl, ref_cl, "aten, channels_last copy"),
-        _Variant("fused", fused, fused, backend),
+        _Variant("fused", fused, fused, _fused_label(fused, x, backend)),
         _Variant("folded", folded, folded,
                  "oneDNN post-ops, pre-packed" if one_dnn else "aten conv+bias",
                  limit=FOLDED_LIMIT if one_dnn else LIMIT),

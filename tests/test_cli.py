@@ -225,3 +225,16 @@ def test_bench_malloc_retain_off_glibc_is_one_line(monkeypatch, capsys):
     assert main(TINY_BENCH + ["--malloc", "retain"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "--malloc retain" in lines[0] and "not glibc" in lines[0]
+
+
+def test_fused_label_says_when_the_model_runs_channels_last_inside():
+    """The bench's backend column for `fused`: the backend, plus "channels_last inside" when the
+    FusedResNet converts this input (FusedResNet.activation_memory_format)."""
+    model = resnet_fused.models.resnet18()
+    small = torch.randn(2, 3, 32, 32)
+    assert cli._fused_label(model, small, "cpu") == "cpu"  # below channels_last_min_pixels
+    model.channels_last_min_pixels = 2 * 32 * 32
+    assert cli._fused_label(model, small, "cpu") == "cpu, channels_last inside"
+    assert cli._fused_label(model, small.contiguous(memory_format=torch.channels_last), "cpu") == "cpu"
+    model.activation_memory_format = "preserve"
+    assert cli._fused_label(model, small, "cpu") == "cpu"
