@@ -137,7 +137,10 @@ def measure(model_name: str = "resnet50", batch: int = 8, size: int = 224, layou
         rel_err_out=parity.output, rel_err_grad_max=parity.max_grad,
         rel_err_grad_worst=max(parity.grads, key=parity.grads.get) if parity.grads else None,
         rel_err_grad_median=statistics.median(parity.grads.values()) if parity.grads else None,
-        compile_s=compile_s)
+        compile_s=compile_s,
+        # FusedResNet.activation_memory_format: does the fused model run channels_last inside?
+        fused_activations=("channels_last" if fused.activation_input(x).is_contiguous(memory_format=torch.channels_last)
+                           else "as the input"))
     for name in models:
         if name in ("eager", "limit"):
             continue
@@ -157,7 +160,8 @@ def _fmt(v: Optional[float], spec: str) -> str:
 def report(rec: Dict[str, Any]) -> str:
     lines = [f"{rec['model']} train step, batch {rec['batch']}, {rec['size']}x{rec['size']}, "
              f"{rec['layout']}, {rec['threads']} threads, {rec['clock']} clock, {rec['rounds']} rounds (+{rec['warmup']} "
-             f"warmup), backend {rec['backend']}, malloc {rec['malloc']}, load {rec['load_avg_1m']:.1f}"]
+             f"warmup), backend {rec['backend']} (fused activations {rec['fused_activations']}), malloc {rec['malloc']}, "
+             f"load {rec['load_avg_1m']:.1f}"]
     lines.append(f"  {'variant':8s} {'median ms':>10s} {'speedup':>16s} {'headroom':>16s} {'faults/step':>12s}")
     for name, m in rec["median_s"].items():
         sp = rec.get(f"{name}_speedup")
