@@ -581,3 +581,30 @@ def test_activation_memory_format_refuses_unknown_values_before_state_changes(re
                                          r"got 'channels-last'"):
         fused.train()(torch.randn(2, 3, 64, 64))
     assert_state_unchanged(fused, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stem's max-pool: through channels_last on the CPU (ATen's NCHW max-pool is ~14x slower)
+# ------------------------------------------------------------------------------------------------
+def test_max_pool_runs_channels_last_and_hooks_still_see_the_module_call(resnet18):
+    """NCHW activations: the max-pool runs on a channels_last copy (the C++ kernel without indices
+    under no_grad, torch.profiler shows it), its output converted back to NCHW; with a hook on
+    the max-pool the module is called as torchvision calls it (the hook sees the NCHW input)."""
+    ref, fused = _pair(resnet18)
+    fused.activation_memory_format = "preserve"
+    ref.eval()
+    fused.eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen, _ = _layouts_seen(fused)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fused(x)
+    names = {e.key for e in prof.key_averages()}
+    assert "resnet_fused::max_pool2d_nhwc" in names and "aten::max_pool2d_with_indices" not in names
+    assert seen == {"layer1": False, "layer4": False}  # back to NCHW after the pool
+    with torch.no_grad():
+        assert rel_err(out, ref(x)) <= TOL_NET_OUT
+    inputs = []
+    fused.maxpool.register_forward_hook(lambda m, i, o: inputs.append(i[0].is_contiguous()))
+    with torch.no_grad():
+        assert rel_err(fused(x), ref(x)) <= TOL_NET_OUT
+    assert inputs == [True]
