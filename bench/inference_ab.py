@@ -10,7 +10,6 @@ compile-freeze / folded (> 1: the folded model is faster) beside the ratio of th
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,16 +23,11 @@ if __package__ in (None, ""):  # run as a script: import the tree this file live
 import resnet_fused  # noqa: E402
 from resnet_fused import benchmarking as bm  # noqa: E402
 
+from bench._script_args import run_parser  # noqa: E402
+
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=31)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
+    a = run_parser(__doc__.splitlines()[0], batch=1, rounds=31, warmup=3).parse_args(argv)
     torch.manual_seed(0)
     with bm.fixed_threads(a.threads):
         x = torch.randn(a.batch, 3, a.size, a.size)

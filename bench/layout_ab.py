@@ -12,7 +12,6 @@ Prints the median per variant and its speedup over ``torchvision``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -29,6 +28,8 @@ if __package__ in (None, ""):  # run as a script: import the tree this file live
 import resnet_fused  # noqa: E402
 from resnet_fused import benchmarking as bm  # noqa: E402
 
+from bench._script_args import run_parser  # noqa: E402
+
 
 class ChannelsLastInput(nn.Module):
     """``model(x.contiguous(memory_format=torch.channels_last))``."""
@@ -42,14 +43,8 @@ class ChannelsLastInput(nn.Module):
 
 
 def main(argv=None) -> Dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet50")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=224)
+    p = run_parser(__doc__.splitlines()[0], batch=8, rounds=5, warmup=1)
     p.add_argument("--mode", choices=["train", "eval"], default="train")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.manual_seed(0)
     with bm.fixed_threads(a.threads):
