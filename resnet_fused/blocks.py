@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import sync_bn, triton_units, units
@@ -28,6 +29,12 @@ def _is_plain_conv(conv: nn.Module) -> bool:
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None))
+
+
+def has_global_module_hooks() -> bool:
+    """``nn.modules.module.register_module_forward_(pre_)hook`` hooks are set: every module call
+    must stay a module call."""
+    return bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
 
 
 def _conv_out_hw(conv: nn.Conv2d, h: int, w: int) -> Tuple[int, int]:

@@ -35,6 +35,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import ops
+from .blocks import has_global_module_hooks
 
 __all__ = ["fold_bn", "fold_conv_bn", "FoldedConv2d", "FoldedBasicBlock", "FoldedBottleneck",
            "FoldedSequential"]
@@ -257,11 +258,8 @@ class FoldedSequential(nn.Sequential):
     either block (a hook may keep the tensor) or global module hooks, whose calls are kept."""
 
     def forward(self, x: Tensor) -> Tensor:
-        from torch.nn.modules import module as _module
-
         # fx tracing (fold_bn's own, the user's) must see each block as one call_module
-        global_hooks = (bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
-                        or isinstance(x, torch.fx.Proxy))
+        global_hooks = has_global_module_hooks() or isinstance(x, torch.fx.Proxy)
         previous = None
         for block in self:
             if (isinstance(block, _FoldedBlock) and isinstance(previous, _FoldedBlock)

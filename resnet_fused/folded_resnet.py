@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from torchvision.models.resnet import ResNet
 
 from . import ops
+from .blocks import has_global_module_hooks
 
 __all__ = ["FoldedResNet"]
 
@@ -57,13 +58,11 @@ class FoldedResNet(ResNet):
     # Checked on every call, cheaply (tens of microseconds for ResNet-50): the structure is cached
     # with the ids of the module tree it was read from, and with the hook dicts of every module.
     def _flat_program(self, x: Tensor):
-        from torch.nn.modules import module as _module
-
         from .fold import FoldedConv2d
 
         if torch.compiler.is_compiling() or x.dim() != 4:
             return None
-        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        if has_global_module_hooks():
             return None
         conv1 = self._modules["conv1"]
         if type(conv1) is not FoldedConv2d or not conv1.fused_relu:

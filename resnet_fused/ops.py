@@ -391,7 +391,7 @@ def max_pool2d_inference(input: Tensor, pool: nn.MaxPool2d) -> Tensor:
     """``pool(input)`` without autograd: the C++ channels-last max-pool (``resnet_fused::max_pool2d_nhwc``,
     no indices; ATen's CPU max_pool2d always computes them, 2.5-3x slower at a ResNet stem's output)
     for a float32/float64 channels-last CPU input, else the module itself. Same values as ATen,
-    NaN propagation included (tests/test_fold.py)."""
+    NaN propagation included (tests/test_max_pool.py)."""
     k, s, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
     if (input.dim() == 4 and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
             and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices

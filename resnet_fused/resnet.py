@@ -40,10 +40,8 @@ import torch.fx
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from torch.nn.modules import module as _module_hooks
-
 from . import backends, ops, sync_bn, triton_units, units
-from .blocks import _conv_out_hw, _has_hooks, _is_plain_conv, check_input
+from .blocks import _conv_out_hw, _has_hooks, _is_plain_conv, check_input, has_global_module_hooks
 
 __all__ = ["FusedResNet"]
 
@@ -177,7 +175,7 @@ class FusedResNet(ResNet):
         hooks) is called as a module."""
         pool = self.maxpool
         if (type(pool) is not nn.MaxPool2d or _has_hooks(pool) or x.device.type != "cpu" or x.dim() != 4
-                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks):
+                or has_global_module_hooks()):
             return pool(x)
         if x.is_contiguous(memory_format=torch.channels_last):
             return ops.max_pool2d_inference(x, pool)
